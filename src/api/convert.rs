@@ -1,0 +1,159 @@
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::status::missing;
+use crate::ghm::{self, Loss};
+use crate::jobs::{BatchInput, JobSnapshot, JobSpec, StepInput, StepOutcome};
+use crate::proto;
+
+/// The step timeout of a job that does not set one, as the contract documents.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn loss_from_proto(value: i32) -> Result<Loss, Status> {
+    match proto::Loss::try_from(value) {
+        Ok(proto::Loss::GhmC) => Ok(Loss::GhmC),
+        Ok(proto::Loss::GhmR) => Ok(Loss::GhmR),
+        Ok(proto::Loss::Unspecified) => Err(Status::invalid_argument(
+            "spec.loss is unset: choose LOSS_GHM_C or LOSS_GHM_R",
+        )),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "spec.loss = {value} is not a known Loss: choose LOSS_GHM_C (1) or LOSS_GHM_R (2)"
+        ))),
+    }
+}
+
+fn loss_to_proto(loss: Loss) -> proto::Loss {
+    match loss {
+        Loss::GhmC => proto::Loss::GhmC,
+        Loss::GhmR => proto::Loss::GhmR,
+    }
+}
+
+pub fn step_timeout_from_proto(
+    field: &str,
+    value: Option<prost_types::Duration>,
+    max: Duration,
+) -> Result<Duration, Status> {
+    let Some(value) = value else {
+        return Ok(DEFAULT_STEP_TIMEOUT.min(max));
+    };
+    let timeout = Duration::try_from(value).map_err(|_| {
+        Status::invalid_argument(format!(
+            "{field} = {}s {}ns: must be positive",
+            value.seconds, value.nanos
+        ))
+    })?;
+    if timeout.is_zero() || timeout > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} = {timeout:?}: must be above 0 and at most {max:?} (--max-step-timeout)"
+        )));
+    }
+    Ok(timeout)
+}
+
+fn duration_to_proto(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+pub fn spec_from_proto(
+    spec: Option<proto::JobSpec>,
+    max_step_timeout: Duration,
+) -> Result<JobSpec, Status> {
+    let spec = spec.ok_or_else(|| missing("spec"))?;
+    let loss = loss_from_proto(spec.loss)?;
+    let ghm = ghm::Spec::new(loss, spec.bins, spec.momentum, spec.mu)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if spec.world_size > 1 {
+        return Err(Status::invalid_argument(format!(
+            "spec.world_size = {}: step-synchronous jobs are not supported yet; use 0 or 1",
+            spec.world_size
+        )));
+    }
+    Ok(JobSpec {
+        ghm,
+        world_size: spec.world_size,
+        step_timeout: step_timeout_from_proto(
+            "spec.step_timeout",
+            spec.step_timeout,
+            max_step_timeout,
+        )?,
+        allow_partial_steps: spec.allow_partial_steps,
+    })
+}
+
+pub fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
+    proto::JobSpec {
+        loss: loss_to_proto(spec.ghm.loss()).into(),
+        bins: spec.ghm.bins() as u32,
+        momentum: spec.ghm.momentum(),
+        mu: spec.ghm.mu(),
+        world_size: spec.world_size,
+        step_timeout: Some(duration_to_proto(spec.step_timeout)),
+        allow_partial_steps: spec.allow_partial_steps,
+    }
+}
+
+pub fn job_to_proto(job: JobSnapshot) -> proto::Job {
+    proto::Job {
+        spec: Some(spec_to_proto(&job.spec)),
+        state: Some(proto::JobState {
+            acc_sum: job.acc_sum,
+            steps: job.steps,
+            elements: job.elements,
+            next_step: job.next_step,
+        }),
+        create_time: Some(job.create_time.into()),
+        update_time: Some(job.update_time.into()),
+        job_id: job.id,
+    }
+}
+
+/// Splits a request into its job id and the domain's view of it.
+pub fn step_input_from_proto(
+    request: proto::HarmonizeRequest,
+) -> Result<(String, StepInput), Status> {
+    use proto::harmonize_request::Input;
+    let batch = match request.input {
+        Some(Input::GradientNorms(bytes)) => BatchInput::GradientNorms(bytes),
+        Some(Input::Residuals(bytes)) => BatchInput::Residuals(bytes),
+        Some(Input::Histogram(histogram)) => BatchInput::Histogram {
+            counts: histogram.counts,
+            tot: histogram.tot,
+        },
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "job {:?}: input is required: set gradient_norms, residuals or histogram",
+                request.job_id
+            )));
+        }
+    };
+    // proto3 bytes carry no presence: empty label weights mean "all 1", like an absent field.
+    let label_weights = Some(request.label_weights).filter(|bytes| !bytes.is_empty());
+    Ok((
+        request.job_id,
+        StepInput {
+            step: request.step,
+            rank: request.rank,
+            batch,
+            label_weights,
+        },
+    ))
+}
+
+pub fn outcome_to_proto(job_id: String, outcome: StepOutcome) -> proto::HarmonizeResponse {
+    let applied = &outcome.applied;
+    proto::HarmonizeResponse {
+        job_id,
+        step: outcome.step,
+        weights: outcome.weights.map(Into::into).unwrap_or_default(),
+        bin_weights: applied.table.bin_weights().to_vec(),
+        tot: applied.table.tot,
+        nonempty_bins: applied.table.nonempty_bins,
+        acc_sum: applied.acc_sum.clone(),
+        missing_ranks: applied.missing_ranks.clone(),
+    }
+}

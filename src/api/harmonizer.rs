@@ -1,0 +1,150 @@
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{job_to_proto, outcome_to_proto, spec_from_proto, step_input_from_proto};
+use crate::jobs::{Registry, validate_job_id};
+use crate::proto::harmonizer_server::Harmonizer;
+use crate::proto::{
+    CreateJobRequest, DeleteJobRequest, DeleteJobResponse, GetJobRequest, HarmonizeRequest,
+    HarmonizeResponse, Job, ListJobsRequest, ListJobsResponse, RestoreJobRequest, UpdateJobRequest,
+};
+
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// The `ghm.v1.Harmonizer` service over a job registry.
+#[derive(Clone)]
+pub struct HarmonizerService {
+    registry: Registry,
+    max_step_timeout: Duration,
+}
+
+impl HarmonizerService {
+    pub fn new(registry: Registry, max_step_timeout: Duration) -> Self {
+        Self {
+            registry,
+            max_step_timeout,
+        }
+    }
+
+    async fn harmonize_one(&self, request: HarmonizeRequest) -> Result<HarmonizeResponse, Status> {
+        let (job_id, input) = step_input_from_proto(request)?;
+        let outcome = self.registry.harmonize(&job_id, input).await?;
+        Ok(outcome_to_proto(job_id, outcome))
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<HarmonizeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Harmonizer for HarmonizerService {
+    async fn create_job(
+        &self,
+        request: Request<CreateJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        let request = request.into_inner();
+        let spec = spec_from_proto(request.spec, self.max_step_timeout)?;
+        let (job, created) = self.registry.create(&request.job_id, spec)?;
+        if created {
+            tracing::info!(job_id = %request.job_id, "job created");
+        }
+        Ok(Response::new(job_to_proto(job)))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let job = self.registry.get(&request.into_inner().job_id)?;
+        Ok(Response::new(job_to_proto(job.snapshot())))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match request.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            size => size.min(MAX_PAGE_SIZE),
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            validate_job_id(&request.page_token).map_err(|_| {
+                Status::invalid_argument(
+                    "page_token is not one this server handed out: pass next_page_token as it came",
+                )
+            })?;
+            Some(request.page_token.as_str())
+        };
+        let page = self.registry.list(&request.prefix, after, page_size);
+        Ok(Response::new(ListJobsResponse {
+            jobs: page.jobs.into_iter().map(job_to_proto).collect(),
+            next_page_token: page.next_after.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let job_id = request.into_inner().job_id;
+        self.registry.delete(&job_id)?;
+        tracing::info!(%job_id, "job deleted");
+        Ok(Response::new(DeleteJobResponse {}))
+    }
+
+    async fn update_job(
+        &self,
+        _request: Request<UpdateJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented(
+            "UpdateJob changes step-synchronous jobs, which this server does not support yet",
+        ))
+    }
+
+    async fn restore_job(
+        &self,
+        _request: Request<RestoreJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented("RestoreJob is not supported yet"))
+    }
+
+    async fn harmonize(
+        &self,
+        request: Request<HarmonizeRequest>,
+    ) -> Result<Response<HarmonizeResponse>, Status> {
+        self.harmonize_one(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type HarmonizeStreamStream = ResponseStream;
+
+    /// One task per stream handles its requests in order; a rejected request (or a broken
+    /// inbound message) is sent as the stream's final status.
+    async fn harmonize_stream(
+        &self,
+        request: Request<Streaming<HarmonizeRequest>>,
+    ) -> Result<Response<Self::HarmonizeStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let service = self.clone();
+        let (responses, outbound) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let result = match message {
+                    Ok(request) => service.harmonize_one(request).await,
+                    Err(status) => Err(status),
+                };
+                let failed = result.is_err();
+                if responses.send(result).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+    }
+}

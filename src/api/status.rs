@@ -1,0 +1,25 @@
+use tonic::{Code, Status};
+
+use crate::jobs::JobError;
+
+/// The single place where domain errors become gRPC statuses.
+impl From<JobError> for Status {
+    fn from(error: JobError) -> Self {
+        let code = match &error {
+            JobError::InvalidJobId { .. }
+            | JobError::Spec(_)
+            | JobError::InvalidSpec(_)
+            | JobError::Input { .. }
+            | JobError::InvalidRequest { .. } => Code::InvalidArgument,
+            JobError::NotFound { .. } => Code::NotFound,
+            JobError::AlreadyExists { .. } => Code::AlreadyExists,
+            JobError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+/// A request field the contract requires but the client left unset.
+pub(super) fn missing(field: &str) -> Status {
+    Status::invalid_argument(format!("{field} is required"))
+}

@@ -1,0 +1,70 @@
+//! Every knob of ghmd: a flag, an environment variable, a default, and a line in the README.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ghmd",
+    version,
+    about = "Gradient Harmonizing Mechanism weights as a gRPC service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gRPC server.
+    Serve(ServeConfig),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const MIB: usize = 1024 * 1024;
+
+#[derive(Parser, Debug, Clone)]
+pub struct ServeConfig {
+    /// Address of the gRPC listener. Port 0 picks a free port (tests do this).
+    #[arg(long, env = "GHMD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Log line format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "GHMD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Largest request message accepted, in bytes. The default takes 16,000,000 float32 norms.
+    #[arg(long, env = "GHMD_MAX_RECV_MESSAGE_BYTES", default_value_t = 64 * MIB)]
+    pub max_recv_message_bytes: usize,
+
+    /// Largest response message sent, in bytes.
+    #[arg(long, env = "GHMD_MAX_SEND_MESSAGE_BYTES", default_value_t = 64 * MIB)]
+    pub max_send_message_bytes: usize,
+
+    /// Batches with more elements than this are weighed on the blocking thread pool, so that
+    /// they do not hold up small requests on the async runtime.
+    #[arg(long, env = "GHMD_OFFLOAD_ELEMENTS", default_value_t = 1 << 16)]
+    pub offload_elements: usize,
+
+    /// The longest step_timeout a job may ask for.
+    #[arg(long, env = "GHMD_MAX_STEP_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub max_step_timeout: Duration,
+
+    /// After SIGINT/SIGTERM, how long in-flight requests may take before the server exits anyway.
+    #[arg(long, env = "GHMD_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// The defaults, with the environment's overrides, as `ghmd serve` with no flags would see.
+    pub fn from_env() -> Self {
+        Self::parse_from(["ghmd-serve"])
+    }
+}

@@ -1,0 +1,25 @@
+//! The GHM math, bit for bit as mmdetection's `GHMC`/`GHMR` compute it in float32.
+//!
+//! Pure functions on slices: no async, no I/O, nothing of gRPC. A step is weighed in three parts
+//! so that the caller can hold a job's lock only for the middle one, which is O(bins):
+//! 1. [`count_batch`] validates a batch and counts its valid elements per bin (O(elements));
+//! 2. [`Density::step`] folds the counts into the EMA density and yields a [`BinTable`];
+//! 3. [`write_weights`] gives every element its bin's weight (O(elements)).
+//!
+//! Step-synchronous jobs sum the counts of several ranks between 1 and 2; since counts are
+//! integers, the sum does not depend on the order the ranks arrive in.
+
+mod bins;
+mod density;
+mod error;
+mod kernel;
+mod spec;
+
+pub use bins::BinEdges;
+pub use density::{BinTable, Density};
+pub use error::{InputError, InputField, SpecError};
+pub use kernel::{
+    BatchCounts, count_batch, float32_views, norms_from_residuals, validate_histogram,
+    write_weights,
+};
+pub use spec::{DEFAULT_MU, Loss, MAX_BINS, Spec};

@@ -1,0 +1,74 @@
+use super::error::SpecError;
+
+/// The largest bin count a job may ask for. mmdetection uses 10 to 30; 4096 keeps a job's state
+/// and every response table small while leaving room for experiments.
+pub const MAX_BINS: u32 = 4096;
+
+/// mmdetection's default ASL1 parameter for GHM-R.
+pub const DEFAULT_MU: f64 = 0.02;
+
+/// Which GHM loss a job weighs for. The two differ in their last bin edge and in how `tot` is
+/// counted, nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Loss {
+    GhmC,
+    GhmR,
+}
+
+/// The parameters the weights depend on, checked once at job creation so that the kernels need
+/// not check them again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spec {
+    loss: Loss,
+    bins: u32,
+    momentum: f64,
+    mu: f64,
+}
+
+impl Spec {
+    /// `mu` of 0 selects [`DEFAULT_MU`] for GHM-R; GHM-C has no mu and keeps 0.
+    pub fn new(loss: Loss, bins: u32, momentum: f64, mu: f64) -> Result<Self, SpecError> {
+        if bins == 0 || bins > MAX_BINS {
+            return Err(SpecError::Bins { bins });
+        }
+        // Written so that NaN fails too.
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(SpecError::Momentum { momentum });
+        }
+        let mu = match loss {
+            Loss::GhmC if mu != 0.0 => return Err(SpecError::MuForGhmC { mu }),
+            Loss::GhmC => 0.0,
+            Loss::GhmR if mu == 0.0 => DEFAULT_MU,
+            Loss::GhmR if !(mu.is_finite() && mu > 0.0) => return Err(SpecError::Mu { mu }),
+            Loss::GhmR => mu,
+        };
+        Ok(Self {
+            loss,
+            bins,
+            momentum,
+            mu,
+        })
+    }
+
+    pub fn loss(&self) -> Loss {
+        self.loss
+    }
+
+    pub fn bins(&self) -> usize {
+        self.bins as usize
+    }
+
+    pub fn momentum(&self) -> f64 {
+        self.momentum
+    }
+
+    /// The ASL1 parameter after defaulting; 0 for GHM-C.
+    pub fn mu(&self) -> f64 {
+        self.mu
+    }
+
+    /// A job with momentum 0 keeps no state between steps.
+    pub fn uses_ema(&self) -> bool {
+        self.momentum > 0.0
+    }
+}

@@ -1,0 +1,26 @@
+use crate::ghm::{InputError, SpecError};
+
+/// Why the registry refused a request. Each variant maps to one gRPC status in `api::status`.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job_id {id:?} {reason}")]
+    InvalidJobId { id: String, reason: &'static str },
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("job {id:?} not found")]
+    NotFound { id: String },
+    #[error("job {id:?} already exists with another spec")]
+    AlreadyExists { id: String },
+    #[error("job {id:?}: {source}")]
+    Input {
+        id: String,
+        #[source]
+        source: InputError,
+    },
+    #[error("job {id:?}: {reason}")]
+    InvalidRequest { id: String, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,16 @@
+//! The job registry: every training job's spec and EMA density, and how a request becomes a step.
+//!
+//! The registry is a cheap handle around `Arc<DashMap<..>>`. A request clones its job's `Arc`
+//! out of the map and lets go of the shard at once, so no shard lock is ever held across an
+//! await or across the O(elements) kernel passes; a job's own lock is held only while its
+//! O(bins) density update runs.
+
+mod error;
+mod job;
+mod registry;
+mod spec;
+
+pub use error::JobError;
+pub use job::{AppliedStep, BatchInput, Job, JobSnapshot, StepInput, StepOutcome};
+pub use registry::{ListPage, Registry, RegistryLimits};
+pub use spec::{JobSpec, validate_job_id};

@@ -1,0 +1,21 @@
+//! ghmd: Gradient Harmonizing Mechanism weights as a service.
+//!
+//! `ghm` is the math, `jobs` the per-job state, `api` the gRPC surface, `server` the wiring.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod ghm;
+pub mod jobs;
+pub mod server;
+pub mod telemetry;
+
+/// The generated code of `proto/ghm/v1/ghm.proto`.
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("ghm.v1");
+
+    /// The encoded descriptor set of the contract and its imports, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/ghm_descriptor.bin"));
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test of ghmd: formatting, lints, the Rust unit, property and integration tests.
+# Later sections (Python client, deployment checks) are added here as they land, so that this one
+# command stays the whole truth for newcomers and for CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked --all-targets

@@ -54,9 +54,7 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         // A bound TCP listener always has a local address.
-        self.listener
-            .local_addr()
-            .unwrap_or(self.config.listen)
+        self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
     pub fn registry(&self) -> Registry {

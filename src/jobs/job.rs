@@ -4,7 +4,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{JobError, JobSpec};
+use super::{JobError, JobSpec, StepObserver};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, Density, InputField, Loss};
 
 /// What a request brings to a step.
@@ -121,6 +121,43 @@ impl Job {
         }
     }
 
+    /// A job as a snapshot recorded it, checked as strictly as a RestoreJob request.
+    pub fn from_snapshot(snapshot: JobSnapshot) -> Result<Self, JobError> {
+        let bins = snapshot.spec.ghm.bins();
+        if snapshot.acc_sum.len() != bins {
+            return Err(JobError::InvalidRequest {
+                id: snapshot.id,
+                reason: format!(
+                    "state.acc_sum has {} entries: the job has {bins} bins",
+                    snapshot.acc_sum.len()
+                ),
+            });
+        }
+        if let Some((index, value)) = snapshot
+            .acc_sum
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+        {
+            return Err(JobError::InvalidRequest {
+                id: snapshot.id,
+                reason: format!("state.acc_sum[{index}] = {value}: must be finite and >= 0"),
+            });
+        }
+        Ok(Self {
+            edges: BinEdges::new(snapshot.spec.ghm.loss(), bins),
+            state: Mutex::new(JobState {
+                density: Density::from_acc_sum(snapshot.acc_sum),
+                steps: snapshot.steps,
+                elements: snapshot.elements,
+                update_time: snapshot.update_time,
+            }),
+            id: snapshot.id,
+            spec: snapshot.spec,
+            create_time: snapshot.create_time,
+        })
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -216,7 +253,13 @@ impl Job {
     }
 
     /// The one place a job's state changes for a step: the density update under the job's lock.
-    pub(super) fn apply(&self, counts: &BatchCounts, missing_ranks: Vec<u32>) -> AppliedStep {
+    pub(super) fn apply(
+        &self,
+        counts: &BatchCounts,
+        ranks: usize,
+        missing_ranks: Vec<u32>,
+        observer: &dyn StepObserver,
+    ) -> AppliedStep {
         let momentum = self.spec.ghm.momentum();
         let mut state = self.state.lock();
         let table = state.density.step(momentum, counts);
@@ -228,6 +271,13 @@ impl Job {
         } else {
             Vec::new()
         };
+        drop(state);
+        observer.step_applied(
+            self.spec.ghm.loss(),
+            counts.valid_elements(),
+            ranks,
+            missing_ranks.len(),
+        );
         AppliedStep {
             table,
             acc_sum,
@@ -236,7 +286,12 @@ impl Job {
     }
 
     /// Pass two, outside any lock: this request's element weights from its step's table.
-    pub(super) fn weigh(&self, batch: &PreparedBatch, table: &BinTable) -> Option<Vec<u8>> {
+    pub(super) fn weigh(
+        &self,
+        batch: &PreparedBatch,
+        table: &BinTable,
+        observer: &dyn StepObserver,
+    ) -> Option<Vec<u8>> {
         let norms: &[[u8; 4]] = match &batch.norms {
             PreparedNorms::None => return None,
             PreparedNorms::Wire(bytes) => bytes.as_chunks::<4>().0,
@@ -246,11 +301,16 @@ impl Job {
             .label_weights
             .as_deref()
             .map(|bytes| bytes.as_chunks::<4>().0);
+        observer.elements_weighed(self.spec.ghm.loss(), norms.len() as u64);
         Some(ghm::write_weights(&self.edges, table, norms, weights))
     }
 
     /// An asynchronous step: prepared, applied and weighed at once.
-    pub(super) fn run_async_step(&self, input: &StepInput) -> Result<StepOutcome, JobError> {
+    pub(super) fn run_async_step(
+        &self,
+        input: &StepInput,
+        observer: &dyn StepObserver,
+    ) -> Result<StepOutcome, JobError> {
         if input.rank != 0 {
             return Err(self.invalid_request(format!(
                 "rank = {}: an asynchronous job (world_size {}) only has rank 0",
@@ -258,8 +318,8 @@ impl Job {
             )));
         }
         let batch = self.prepare(input)?;
-        let applied = self.apply(&batch.counts, Vec::new());
-        let weights = self.weigh(&batch, &applied.table);
+        let applied = self.apply(&batch.counts, 1, Vec::new(), observer);
+        let weights = self.weigh(&batch, &applied.table, observer);
         Ok(StepOutcome {
             step: input.step,
             weights,

@@ -7,10 +7,12 @@
 
 mod error;
 mod job;
+mod observer;
 mod registry;
 mod spec;
 
 pub use error::JobError;
 pub use job::{AppliedStep, BatchInput, Job, JobSnapshot, StepInput, StepOutcome};
+pub use observer::{NoObserver, StepObserver};
 pub use registry::{ListPage, Registry, RegistryLimits};
 pub use spec::{JobSpec, validate_job_id};

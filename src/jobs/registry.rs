@@ -4,7 +4,10 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::job::Job;
-use super::{JobError, JobSnapshot, JobSpec, StepInput, StepOutcome, validate_job_id};
+use super::{
+    JobError, JobSnapshot, JobSpec, NoObserver, StepInput, StepObserver, StepOutcome,
+    validate_job_id,
+};
 
 /// Knobs of the registry that come from the server's configuration.
 #[derive(Clone, Debug)]
@@ -27,6 +30,7 @@ impl Default for RegistryLimits {
 pub struct Registry {
     jobs: Arc<DashMap<String, Arc<Job>>>,
     limits: Arc<RegistryLimits>,
+    observer: Arc<dyn StepObserver>,
 }
 
 /// One page of ListJobs.
@@ -41,7 +45,32 @@ impl Registry {
         Self {
             jobs: Arc::new(DashMap::new()),
             limits: Arc::new(limits),
+            observer: Arc::new(NoObserver),
         }
+    }
+
+    /// Reports steps and job counts to `observer` (the metrics) from now on.
+    pub fn with_observer(mut self, observer: Arc<dyn StepObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Puts a job back exactly as a snapshot recorded it (state loaded at start-up), replacing
+    /// any job of the same id.
+    pub fn insert_snapshot(&self, snapshot: JobSnapshot) -> Result<(), JobError> {
+        validate_job_id(&snapshot.id)?;
+        let loss = snapshot.spec.ghm.loss();
+        let job = Arc::new(Job::from_snapshot(snapshot)?);
+        if self.jobs.insert(job.id().to_owned(), job).is_none() {
+            self.observer.jobs_changed(loss, 1);
+        }
+        Ok(())
+    }
+
+    /// Every job's snapshot, in no particular order (for persistence).
+    pub fn snapshots(&self) -> Vec<JobSnapshot> {
+        let jobs: Vec<Arc<Job>> = self.jobs.iter().map(|e| Arc::clone(e.value())).collect();
+        jobs.iter().map(|job| job.snapshot()).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -68,6 +97,7 @@ impl Registry {
             Entry::Vacant(slot) => {
                 let job = Arc::new(Job::new(id.to_owned(), spec));
                 slot.insert(Arc::clone(&job));
+                self.observer.jobs_changed(job.spec().ghm.loss(), 1);
                 job
             }
         };
@@ -85,10 +115,12 @@ impl Registry {
 
     pub fn delete(&self, id: &str) -> Result<(), JobError> {
         validate_job_id(id)?;
-        self.jobs
+        let (_, job) = self
+            .jobs
             .remove(id)
-            .map(|_| ())
-            .ok_or_else(|| JobError::NotFound { id: id.to_owned() })
+            .ok_or_else(|| JobError::NotFound { id: id.to_owned() })?;
+        self.observer.jobs_changed(job.spec().ghm.loss(), -1);
+        Ok(())
     }
 
     /// Jobs in id order, starting after `after`, at most `page_size` of them.
@@ -122,9 +154,10 @@ impl Registry {
             )));
         }
         if input.batch.element_count() <= self.limits.offload_elements {
-            return job.run_async_step(&input);
+            return job.run_async_step(&input, &*self.observer);
         }
-        tokio::task::spawn_blocking(move || job.run_async_step(&input))
+        let observer = Arc::clone(&self.observer);
+        tokio::task::spawn_blocking(move || job.run_async_step(&input, &*observer))
             .await
             .map_err(|e| JobError::Internal(format!("weighing task failed: {e}")))?
     }

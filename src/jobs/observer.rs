@@ -1,0 +1,36 @@
+use std::time::Duration;
+
+use crate::ghm::Loss;
+
+/// What the registry reports as steps happen, so that the metrics module can count them without
+/// the registry knowing anything of Prometheus. Every method has a no-op default.
+pub trait StepObserver: Send + Sync + 'static {
+    /// A step was applied to a job's density: `valid_elements` were counted into its bins,
+    /// `missing_ranks` ranks were absent (a partial step) and `ranks` took part.
+    fn step_applied(
+        &self,
+        _loss: Loss,
+        _valid_elements: u64,
+        _ranks: usize,
+        _missing_ranks: usize,
+    ) {
+    }
+
+    /// One request's elements were weighed (the raw path; histogram inputs weigh none).
+    fn elements_weighed(&self, _loss: Loss, _elements: u64) {}
+
+    /// A step-synchronous step became complete: how long it waited, from its first request to
+    /// its last rank's.
+    fn last_rank_wait(&self, _wait: Duration) {}
+
+    /// A step-synchronous step was aborted because a rank did not send in time.
+    fn step_timed_out(&self) {}
+
+    /// The number of jobs of a loss changed by `delta` (created, deleted, restored, reaped).
+    fn jobs_changed(&self, _loss: Loss, _delta: i64) {}
+}
+
+/// The observer of a registry nobody watches.
+pub struct NoObserver;
+
+impl StepObserver for NoObserver {}

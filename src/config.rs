@@ -57,6 +57,16 @@ pub struct ServeConfig {
     #[arg(long, env = "GHMD_MAX_STEP_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
     pub max_step_timeout: Duration,
 
+    /// Step-synchronous jobs: how many applied steps keep their table, so that a rank that
+    /// retries a step after its answer was lost gets the same answer.
+    #[arg(long, env = "GHMD_KEPT_STEPS", default_value_t = 8)]
+    pub kept_steps: usize,
+
+    /// Step-synchronous jobs: how many steps may wait at once per job; more is
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GHMD_MAX_PENDING_STEPS", default_value_t = 64)]
+    pub max_pending_steps: usize,
+
     /// After SIGINT/SIGTERM, how long in-flight requests may take before the server exits anyway.
     #[arg(long, env = "GHMD_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,

@@ -44,6 +44,8 @@ impl Server {
                 })?;
         let registry = Registry::new(RegistryLimits {
             offload_elements: config.offload_elements,
+            kept_steps: config.kept_steps,
+            max_pending_steps: config.max_pending_steps,
         });
         Ok(Self {
             config,

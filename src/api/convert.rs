@@ -4,7 +4,9 @@ use tonic::Status;
 
 use super::status::missing;
 use crate::ghm::{self, Loss};
-use crate::jobs::{BatchInput, JobSnapshot, JobSpec, StepInput, StepOutcome};
+use crate::jobs::{
+    BatchInput, JobSnapshot, JobSpec, JobUpdate, StepInput, StepOutcome, WorldSizeChange,
+};
 use crate::proto;
 
 /// The step timeout of a job that does not set one, as the contract documents.
@@ -67,12 +69,7 @@ pub fn spec_from_proto(
     let loss = loss_from_proto(spec.loss)?;
     let ghm = ghm::Spec::new(loss, spec.bins, spec.momentum, spec.mu)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if spec.world_size > 1 {
-        return Err(Status::invalid_argument(format!(
-            "spec.world_size = {}: step-synchronous jobs are not supported yet; use 0 or 1",
-            spec.world_size
-        )));
-    }
+    check_world_size("spec.world_size", spec.world_size)?;
     Ok(JobSpec {
         ghm,
         world_size: spec.world_size,
@@ -83,6 +80,18 @@ pub fn spec_from_proto(
         )?,
         allow_partial_steps: spec.allow_partial_steps,
     })
+}
+
+/// More ranks than any training cluster has; it bounds what one step may hold.
+pub const MAX_WORLD_SIZE: u32 = 65536;
+
+pub fn check_world_size(field: &str, world_size: u32) -> Result<(), Status> {
+    if world_size > MAX_WORLD_SIZE {
+        return Err(Status::invalid_argument(format!(
+            "{field} = {world_size}: must be at most {MAX_WORLD_SIZE}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
@@ -156,4 +165,24 @@ pub fn outcome_to_proto(job_id: String, outcome: StepOutcome) -> proto::Harmoniz
         acc_sum: applied.acc_sum.clone(),
         missing_ranks: applied.missing_ranks.clone(),
     }
+}
+
+pub fn update_from_proto(
+    request: &proto::UpdateJobRequest,
+    max_step_timeout: Duration,
+) -> Result<JobUpdate, Status> {
+    check_world_size("world_size", request.world_size)?;
+    let world_size = (request.world_size > 0).then_some(WorldSizeChange {
+        from_step: request.from_step,
+        world_size: request.world_size,
+    });
+    let step_timeout = request
+        .step_timeout
+        .map(|timeout| step_timeout_from_proto("step_timeout", Some(timeout), max_step_timeout))
+        .transpose()?;
+    Ok(JobUpdate {
+        world_size,
+        step_timeout,
+        allow_partial_steps: request.allow_partial_steps,
+    })
 }

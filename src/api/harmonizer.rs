@@ -6,7 +6,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{job_to_proto, outcome_to_proto, spec_from_proto, step_input_from_proto};
+use super::convert::{
+    job_to_proto, outcome_to_proto, spec_from_proto, step_input_from_proto, update_from_proto,
+};
+use super::status::missing;
 use crate::jobs::{Registry, validate_job_id};
 use crate::proto::harmonizer_server::Harmonizer;
 use crate::proto::{
@@ -99,18 +102,30 @@ impl Harmonizer for HarmonizerService {
 
     async fn update_job(
         &self,
-        _request: Request<UpdateJobRequest>,
+        request: Request<UpdateJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(Status::unimplemented(
-            "UpdateJob changes step-synchronous jobs, which this server does not support yet",
-        ))
+        let request = request.into_inner();
+        let update = update_from_proto(&request, self.max_step_timeout)?;
+        let job = self.registry.update(&request.job_id, &update)?;
+        tracing::info!(job_id = %request.job_id, ?update, "job updated");
+        Ok(Response::new(job_to_proto(job)))
     }
 
     async fn restore_job(
         &self,
-        _request: Request<RestoreJobRequest>,
+        request: Request<RestoreJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(Status::unimplemented("RestoreJob is not supported yet"))
+        let request = request.into_inner();
+        let state = request.state.ok_or_else(|| missing("state"))?;
+        let job = self.registry.restore(
+            &request.job_id,
+            state.acc_sum,
+            state.steps,
+            state.elements,
+            state.next_step,
+        )?;
+        tracing::info!(job_id = %request.job_id, next_step = job.next_step, "job restored");
+        Ok(Response::new(job_to_proto(job)))
     }
 
     async fn harmonize(

@@ -13,6 +13,11 @@ impl From<JobError> for Status {
             | JobError::InvalidRequest { .. } => Code::InvalidArgument,
             JobError::NotFound { .. } => Code::NotFound,
             JobError::AlreadyExists { .. } => Code::AlreadyExists,
+            JobError::Aborted { .. } => Code::Aborted,
+            JobError::StepExpired { .. } | JobError::FailedPrecondition { .. } => {
+                Code::FailedPrecondition
+            }
+            JobError::ResourceExhausted { .. } => Code::ResourceExhausted,
             JobError::Internal(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

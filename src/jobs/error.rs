@@ -21,6 +21,17 @@ pub enum JobError {
     },
     #[error("job {id:?}: {reason}")]
     InvalidRequest { id: String, reason: String },
+    /// A step-synchronous step did not happen (timeout, a newer resend, restore, delete); the
+    /// client may send it again.
+    #[error("job {id:?}: {reason}")]
+    Aborted { id: String, reason: String },
+    /// A retry of a step whose table is no longer kept.
+    #[error("job {id:?}: {reason}")]
+    StepExpired { id: String, reason: String },
+    #[error("job {id:?}: {reason}")]
+    FailedPrecondition { id: String, reason: String },
+    #[error("job {id:?}: {reason}")]
+    ResourceExhausted { id: String, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -1,9 +1,10 @@
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::sync::{Joined, SyncState};
 use super::{JobError, JobSpec, StepObserver};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, Density, InputField, Loss};
 
@@ -57,42 +58,77 @@ pub struct StepOutcome {
     pub applied: Arc<AppliedStep>,
 }
 
+/// A change of world size that takes effect at `from_step` (elastic training).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorldSizeChange {
+    pub from_step: u64,
+    pub world_size: u32,
+}
+
 /// A job's spec and state as of one moment, for GetJob, ListJobs and snapshots.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSnapshot {
     pub id: String,
+    /// `spec.world_size` is the latest world size decided (the last entry of the schedule).
     pub spec: JobSpec,
     pub acc_sum: Vec<f32>,
     pub steps: u64,
     pub elements: u64,
+    /// Step-synchronous jobs: the next step to apply; 0 for asynchronous jobs.
     pub next_step: u64,
+    /// Step-synchronous jobs: the world size from each step on, oldest first, starting at or
+    /// before `next_step`; empty for asynchronous jobs.
+    pub world_size_schedule: Vec<WorldSizeChange>,
     pub create_time: SystemTime,
     pub update_time: SystemTime,
 }
 
-struct JobState {
-    density: Density,
-    steps: u64,
-    elements: u64,
-    update_time: SystemTime,
+/// The registry-wide things a job needs while it runs, shared by every job.
+pub(super) struct JobContext {
+    pub observer: Arc<dyn StepObserver>,
+    /// Applied steps whose tables are kept for retries.
+    pub kept_steps: usize,
+    /// Steps a job may have waiting at once.
+    pub max_pending_steps: usize,
+    /// Batches with more elements than this are weighed on the blocking pool.
+    pub offload_elements: usize,
+}
+
+/// What `UpdateJob` may change.
+#[derive(Clone, Debug, Default)]
+pub struct JobUpdate {
+    pub world_size: Option<WorldSizeChange>,
+    pub step_timeout: Option<Duration>,
+    pub allow_partial_steps: Option<bool>,
+}
+
+pub(super) struct JobState {
+    pub density: Density,
+    pub steps: u64,
+    pub elements: u64,
+    pub update_time: SystemTime,
+    pub step_timeout: Duration,
+    pub allow_partial_steps: bool,
+    /// Some iff the job is step-synchronous; boxed so that an idle asynchronous job stays small.
+    pub sync: Option<Box<SyncState>>,
 }
 
 pub struct Job {
     id: String,
-    spec: JobSpec,
+    ghm: ghm::Spec,
     edges: BinEdges,
     create_time: SystemTime,
+    pub(super) context: Arc<JobContext>,
     /// A `parking_lot` mutex and not a tokio one: it is never held across an await, and the
-    /// critical section is an O(bins) update, so blocking briefly beats a queue of wakers.
-    state: Mutex<JobState>,
+    /// critical sections are O(bins) updates, so blocking briefly beats a queue of wakers.
+    pub(super) state: Mutex<JobState>,
 }
 
-/// A batch after pass one: validated and counted, ready to be weighed once its step's table
-/// is known.
+/// A batch after pass one: validated, its counts taken out, ready to be weighed once its step's
+/// table is known.
 pub(super) struct PreparedBatch {
     norms: PreparedNorms,
     label_weights: Option<Bytes>,
-    pub(super) counts: BatchCounts,
 }
 
 enum PreparedNorms {
@@ -104,9 +140,22 @@ enum PreparedNorms {
     Derived(Vec<[u8; 4]>),
 }
 
+impl PreparedBatch {
+    fn element_count(&self) -> usize {
+        match &self.norms {
+            PreparedNorms::None => 0,
+            PreparedNorms::Wire(bytes) => bytes.len() / 4,
+            PreparedNorms::Derived(norms) => norms.len(),
+        }
+    }
+}
+
 impl Job {
-    pub fn new(id: String, spec: JobSpec) -> Self {
+    pub(super) fn new(id: String, spec: JobSpec, context: Arc<JobContext>) -> Self {
         let now = SystemTime::now();
+        let sync = spec
+            .is_step_synchronous()
+            .then(|| Box::new(SyncState::new(spec.world_size, 0, Vec::new())));
         Self {
             edges: BinEdges::new(spec.ghm.loss(), spec.ghm.bins()),
             state: Mutex::new(JobState {
@@ -114,47 +163,45 @@ impl Job {
                 steps: 0,
                 elements: 0,
                 update_time: now,
+                step_timeout: spec.step_timeout,
+                allow_partial_steps: spec.allow_partial_steps,
+                sync,
             }),
             id,
-            spec,
+            ghm: spec.ghm,
             create_time: now,
+            context,
         }
     }
 
     /// A job as a snapshot recorded it, checked as strictly as a RestoreJob request.
-    pub fn from_snapshot(snapshot: JobSnapshot) -> Result<Self, JobError> {
-        let bins = snapshot.spec.ghm.bins();
-        if snapshot.acc_sum.len() != bins {
-            return Err(JobError::InvalidRequest {
-                id: snapshot.id,
-                reason: format!(
-                    "state.acc_sum has {} entries: the job has {bins} bins",
-                    snapshot.acc_sum.len()
-                ),
-            });
-        }
-        if let Some((index, value)) = snapshot
-            .acc_sum
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
-        {
-            return Err(JobError::InvalidRequest {
-                id: snapshot.id,
-                reason: format!("state.acc_sum[{index}] = {value}: must be finite and >= 0"),
-            });
-        }
+    pub(super) fn from_snapshot(
+        snapshot: JobSnapshot,
+        context: Arc<JobContext>,
+    ) -> Result<Self, JobError> {
+        check_acc_sum(&snapshot.id, &snapshot.acc_sum, snapshot.spec.ghm.bins())?;
+        let sync = snapshot.spec.is_step_synchronous().then(|| {
+            Box::new(SyncState::new(
+                snapshot.spec.world_size,
+                snapshot.next_step,
+                snapshot.world_size_schedule.clone(),
+            ))
+        });
         Ok(Self {
-            edges: BinEdges::new(snapshot.spec.ghm.loss(), bins),
+            edges: BinEdges::new(snapshot.spec.ghm.loss(), snapshot.spec.ghm.bins()),
             state: Mutex::new(JobState {
                 density: Density::from_acc_sum(snapshot.acc_sum),
                 steps: snapshot.steps,
                 elements: snapshot.elements,
                 update_time: snapshot.update_time,
+                step_timeout: snapshot.spec.step_timeout,
+                allow_partial_steps: snapshot.spec.allow_partial_steps,
+                sync,
             }),
             id: snapshot.id,
-            spec: snapshot.spec,
+            ghm: snapshot.spec.ghm,
             create_time: snapshot.create_time,
+            context,
         })
     }
 
@@ -162,32 +209,62 @@ impl Job {
         &self.id
     }
 
-    pub fn spec(&self) -> &JobSpec {
-        &self.spec
+    pub fn loss(&self) -> Loss {
+        self.ghm.loss()
+    }
+
+    pub(super) fn spec_bins(&self) -> usize {
+        self.ghm.bins()
+    }
+
+    pub fn spec(&self) -> JobSpec {
+        let state = self.state.lock();
+        self.spec_locked(&state)
+    }
+
+    fn spec_locked(&self, state: &JobState) -> JobSpec {
+        JobSpec {
+            ghm: self.ghm,
+            world_size: state
+                .sync
+                .as_ref()
+                .map_or(1, |sync| sync.latest_world_size()),
+            step_timeout: state.step_timeout,
+            allow_partial_steps: state.allow_partial_steps,
+        }
+    }
+
+    pub fn is_step_synchronous(&self) -> bool {
+        self.state.lock().sync.is_some()
     }
 
     pub fn snapshot(&self) -> JobSnapshot {
         let state = self.state.lock();
+        let (next_step, world_size_schedule) = match &state.sync {
+            Some(sync) => (sync.next_step(), sync.schedule().to_vec()),
+            None => (0, Vec::new()),
+        };
         JobSnapshot {
             id: self.id.clone(),
-            spec: self.spec.clone(),
+            spec: self.spec_locked(&state),
             acc_sum: state.density.acc_sum().to_vec(),
             steps: state.steps,
             elements: state.elements,
-            next_step: 0,
+            next_step,
+            world_size_schedule,
             create_time: self.create_time,
             update_time: state.update_time,
         }
     }
 
-    fn input_error(&self, source: ghm::InputError) -> JobError {
+    pub(super) fn input_error(&self, source: ghm::InputError) -> JobError {
         JobError::Input {
             id: self.id.clone(),
             source,
         }
     }
 
-    fn invalid_request(&self, reason: impl Into<String>) -> JobError {
+    pub(super) fn invalid_request(&self, reason: impl Into<String>) -> JobError {
         JobError::InvalidRequest {
             id: self.id.clone(),
             reason: reason.into(),
@@ -195,8 +272,11 @@ impl Job {
     }
 
     /// Pass one, outside any lock: checks the request against the job and counts its bins.
-    pub(super) fn prepare(&self, input: &StepInput) -> Result<PreparedBatch, JobError> {
-        let spec = &self.spec.ghm;
+    pub(super) fn prepare(
+        &self,
+        input: &StepInput,
+    ) -> Result<(PreparedBatch, BatchCounts), JobError> {
+        let spec = &self.ghm;
         let label_weights = input.label_weights.clone();
         let (norms, counts) = match &input.batch {
             BatchInput::Histogram { counts, tot } => {
@@ -245,53 +325,47 @@ impl Job {
                 (PreparedNorms::Derived(norms), counts)
             }
         };
-        Ok(PreparedBatch {
-            norms,
-            label_weights,
+        Ok((
+            PreparedBatch {
+                norms,
+                label_weights,
+            },
             counts,
-        })
+        ))
     }
 
-    /// The one place a job's state changes for a step: the density update under the job's lock.
-    pub(super) fn apply(
+    /// The one place a job's density changes: called with the job's lock held.
+    pub(super) fn apply_locked(
         &self,
+        state: &mut JobState,
         counts: &BatchCounts,
         ranks: usize,
         missing_ranks: Vec<u32>,
-        observer: &dyn StepObserver,
-    ) -> AppliedStep {
-        let momentum = self.spec.ghm.momentum();
-        let mut state = self.state.lock();
-        let table = state.density.step(momentum, counts);
+    ) -> Arc<AppliedStep> {
+        let table = state.density.step(self.ghm.momentum(), counts);
         state.steps += 1;
         state.elements = state.elements.saturating_add(counts.valid_elements());
         state.update_time = SystemTime::now();
-        let acc_sum = if self.spec.ghm.uses_ema() {
+        let acc_sum = if self.ghm.uses_ema() {
             state.density.acc_sum().to_vec()
         } else {
             Vec::new()
         };
-        drop(state);
-        observer.step_applied(
-            self.spec.ghm.loss(),
+        self.context.observer.step_applied(
+            self.ghm.loss(),
             counts.valid_elements(),
             ranks,
             missing_ranks.len(),
         );
-        AppliedStep {
+        Arc::new(AppliedStep {
             table,
             acc_sum,
             missing_ranks,
-        }
+        })
     }
 
     /// Pass two, outside any lock: this request's element weights from its step's table.
-    pub(super) fn weigh(
-        &self,
-        batch: &PreparedBatch,
-        table: &BinTable,
-        observer: &dyn StepObserver,
-    ) -> Option<Vec<u8>> {
+    pub(super) fn weigh(&self, batch: &PreparedBatch, table: &BinTable) -> Option<Vec<u8>> {
         let norms: &[[u8; 4]] = match &batch.norms {
             PreparedNorms::None => return None,
             PreparedNorms::Wire(bytes) => bytes.as_chunks::<4>().0,
@@ -301,29 +375,104 @@ impl Job {
             .label_weights
             .as_deref()
             .map(|bytes| bytes.as_chunks::<4>().0);
-        observer.elements_weighed(self.spec.ghm.loss(), norms.len() as u64);
+        self.context
+            .observer
+            .elements_weighed(self.ghm.loss(), norms.len() as u64);
         Some(ghm::write_weights(&self.edges, table, norms, weights))
     }
 
     /// An asynchronous step: prepared, applied and weighed at once.
-    pub(super) fn run_async_step(
-        &self,
-        input: &StepInput,
-        observer: &dyn StepObserver,
-    ) -> Result<StepOutcome, JobError> {
+    fn run_async_step(&self, input: &StepInput) -> Result<StepOutcome, JobError> {
         if input.rank != 0 {
             return Err(self.invalid_request(format!(
-                "rank = {}: an asynchronous job (world_size {}) only has rank 0",
-                input.rank, self.spec.world_size
+                "rank = {}: an asynchronous job has only rank 0",
+                input.rank
             )));
         }
-        let batch = self.prepare(input)?;
-        let applied = self.apply(&batch.counts, 1, Vec::new(), observer);
-        let weights = self.weigh(&batch, &applied.table, observer);
+        let (batch, counts) = self.prepare(input)?;
+        let applied = {
+            let mut state = self.state.lock();
+            self.apply_locked(&mut state, &counts, 1, Vec::new())
+        };
+        let weights = self.weigh(&batch, &applied.table);
         Ok(StepOutcome {
             step: input.step,
             weights,
-            applied: Arc::new(applied),
+            applied,
         })
     }
+
+    /// Weighs one request. Large batches go to the blocking pool; the job's lock is only taken
+    /// for the O(bins) density update in the middle, so concurrent requests on one job apply
+    /// one after another and never mix.
+    pub(super) async fn harmonize(
+        self: Arc<Self>,
+        input: StepInput,
+    ) -> Result<StepOutcome, JobError> {
+        let large = input.batch.element_count() > self.context.offload_elements;
+        if !self.is_step_synchronous() {
+            if !large {
+                return self.run_async_step(&input);
+            }
+            return offload(move || self.run_async_step(&input)).await?;
+        }
+
+        let (step, rank) = (input.step, input.rank);
+        let (batch, counts) = if large {
+            let job = Arc::clone(&self);
+            offload(move || job.prepare(&input)).await??
+        } else {
+            self.prepare(&input)?
+        };
+        let applied = match self.contribute(step, rank, counts)? {
+            Joined::Applied(applied) => applied,
+            Joined::Waiting(receiver) => receiver
+                .await
+                .map_err(|_| self.step_dropped(step))?
+                .map_err(|failure| self.step_failed(step, failure))?,
+        };
+        let weights = if batch.element_count() > self.context.offload_elements {
+            let job = Arc::clone(&self);
+            let table_owner = Arc::clone(&applied);
+            offload(move || job.weigh(&batch, &table_owner.table)).await?
+        } else {
+            self.weigh(&batch, &applied.table)
+        };
+        Ok(StepOutcome {
+            step,
+            weights,
+            applied,
+        })
+    }
+}
+
+/// Runs kernel work on the blocking pool, so that a large batch cannot stall the runtime.
+async fn offload<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| JobError::Internal(format!("weighing task failed: {e}")))
+}
+
+/// Checks a restored density: one finite, non-negative value per bin.
+pub(super) fn check_acc_sum(id: &str, acc_sum: &[f32], bins: usize) -> Result<(), JobError> {
+    let reason = if acc_sum.len() != bins {
+        format!(
+            "state.acc_sum has {} entries: the job has {bins} bins",
+            acc_sum.len()
+        )
+    } else if let Some((index, value)) = acc_sum
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+    {
+        format!("state.acc_sum[{index}] = {value}: must be finite and >= 0")
+    } else {
+        return Ok(());
+    };
+    Err(JobError::InvalidRequest {
+        id: id.to_owned(),
+        reason,
+    })
 }

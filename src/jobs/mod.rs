@@ -10,9 +10,12 @@ mod job;
 mod observer;
 mod registry;
 mod spec;
+mod sync;
 
 pub use error::JobError;
-pub use job::{AppliedStep, BatchInput, Job, JobSnapshot, StepInput, StepOutcome};
+pub use job::{
+    AppliedStep, BatchInput, Job, JobSnapshot, JobUpdate, StepInput, StepOutcome, WorldSizeChange,
+};
 pub use observer::{NoObserver, StepObserver};
 pub use registry::{ListPage, Registry, RegistryLimits};
 pub use spec::{JobSpec, validate_job_id};

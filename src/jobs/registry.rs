@@ -3,9 +3,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::job::Job;
+use super::job::{Job, JobContext};
 use super::{
-    JobError, JobSnapshot, JobSpec, NoObserver, StepInput, StepObserver, StepOutcome,
+    JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver, StepOutcome,
     validate_job_id,
 };
 
@@ -15,12 +15,19 @@ pub struct RegistryLimits {
     /// Batches with more elements than this are weighed on the blocking pool, so that one
     /// 16M-element batch cannot stall the small requests of other jobs on the async runtime.
     pub offload_elements: usize,
+    /// Applied steps of a step-synchronous job whose tables are kept to answer retries.
+    pub kept_steps: usize,
+    /// Steps a step-synchronous job may have waiting at once; bounds what a runaway rank can
+    /// make the server hold.
+    pub max_pending_steps: usize,
 }
 
 impl Default for RegistryLimits {
     fn default() -> Self {
         Self {
             offload_elements: 1 << 16,
+            kept_steps: 8,
+            max_pending_steps: 64,
         }
     }
 }
@@ -29,8 +36,7 @@ impl Default for RegistryLimits {
 #[derive(Clone)]
 pub struct Registry {
     jobs: Arc<DashMap<String, Arc<Job>>>,
-    limits: Arc<RegistryLimits>,
-    observer: Arc<dyn StepObserver>,
+    context: Arc<JobContext>,
 }
 
 /// One page of ListJobs.
@@ -42,35 +48,20 @@ pub struct ListPage {
 
 impl Registry {
     pub fn new(limits: RegistryLimits) -> Self {
+        Self::with_observer(limits, Arc::new(NoObserver))
+    }
+
+    /// A registry that reports steps and job counts to `observer` (the metrics).
+    pub fn with_observer(limits: RegistryLimits, observer: Arc<dyn StepObserver>) -> Self {
         Self {
             jobs: Arc::new(DashMap::new()),
-            limits: Arc::new(limits),
-            observer: Arc::new(NoObserver),
+            context: Arc::new(JobContext {
+                observer,
+                kept_steps: limits.kept_steps,
+                max_pending_steps: limits.max_pending_steps,
+                offload_elements: limits.offload_elements,
+            }),
         }
-    }
-
-    /// Reports steps and job counts to `observer` (the metrics) from now on.
-    pub fn with_observer(mut self, observer: Arc<dyn StepObserver>) -> Self {
-        self.observer = observer;
-        self
-    }
-
-    /// Puts a job back exactly as a snapshot recorded it (state loaded at start-up), replacing
-    /// any job of the same id.
-    pub fn insert_snapshot(&self, snapshot: JobSnapshot) -> Result<(), JobError> {
-        validate_job_id(&snapshot.id)?;
-        let loss = snapshot.spec.ghm.loss();
-        let job = Arc::new(Job::from_snapshot(snapshot)?);
-        if self.jobs.insert(job.id().to_owned(), job).is_none() {
-            self.observer.jobs_changed(loss, 1);
-        }
-        Ok(())
-    }
-
-    /// Every job's snapshot, in no particular order (for persistence).
-    pub fn snapshots(&self) -> Vec<JobSnapshot> {
-        let jobs: Vec<Arc<Job>> = self.jobs.iter().map(|e| Arc::clone(e.value())).collect();
-        jobs.iter().map(|job| job.snapshot()).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -85,23 +76,47 @@ impl Registry {
     /// a distributed job may call this at start-up. The bool says whether it was created.
     pub fn create(&self, id: &str, spec: JobSpec) -> Result<(JobSnapshot, bool), JobError> {
         validate_job_id(id)?;
+        let spec = spec.normalized();
         let job = match self.jobs.entry(id.to_owned()) {
             Entry::Occupied(existing) => {
-                if existing.get().spec() != &spec {
-                    return Err(JobError::AlreadyExists { id: id.to_owned() });
-                }
                 let job = Arc::clone(existing.get());
                 drop(existing);
+                if job.spec() != spec {
+                    return Err(JobError::AlreadyExists { id: id.to_owned() });
+                }
                 return Ok((job.snapshot(), false));
             }
             Entry::Vacant(slot) => {
-                let job = Arc::new(Job::new(id.to_owned(), spec));
+                let job = Arc::new(Job::new(id.to_owned(), spec, Arc::clone(&self.context)));
                 slot.insert(Arc::clone(&job));
-                self.observer.jobs_changed(job.spec().ghm.loss(), 1);
                 job
             }
         };
+        self.context.observer.jobs_changed(job.loss(), 1);
         Ok((job.snapshot(), true))
+    }
+
+    /// Puts a job back exactly as a snapshot recorded it (state loaded at start-up), replacing
+    /// any job of the same id.
+    pub fn insert_snapshot(&self, snapshot: JobSnapshot) -> Result<(), JobError> {
+        validate_job_id(&snapshot.id)?;
+        let job = Arc::new(Job::from_snapshot(snapshot, Arc::clone(&self.context))?);
+        let loss = job.loss();
+        match self.jobs.insert(job.id().to_owned(), job) {
+            Some(replaced) => {
+                replaced.close();
+                self.context.observer.jobs_changed(replaced.loss(), -1);
+                self.context.observer.jobs_changed(loss, 1);
+            }
+            None => self.context.observer.jobs_changed(loss, 1),
+        }
+        Ok(())
+    }
+
+    /// Every job's snapshot, in no particular order (for persistence).
+    pub fn snapshots(&self) -> Vec<JobSnapshot> {
+        let jobs: Vec<Arc<Job>> = self.jobs.iter().map(|e| Arc::clone(e.value())).collect();
+        jobs.iter().map(|job| job.snapshot()).collect()
     }
 
     /// The job's handle, with the map's shard already released.
@@ -113,13 +128,15 @@ impl Registry {
             .ok_or_else(|| JobError::NotFound { id: id.to_owned() })
     }
 
+    /// Deletes a job; its waiting requests end with ABORTED.
     pub fn delete(&self, id: &str) -> Result<(), JobError> {
         validate_job_id(id)?;
         let (_, job) = self
             .jobs
             .remove(id)
             .ok_or_else(|| JobError::NotFound { id: id.to_owned() })?;
-        self.observer.jobs_changed(job.spec().ghm.loss(), -1);
+        job.close();
+        self.context.observer.jobs_changed(job.loss(), -1);
         Ok(())
     }
 
@@ -143,22 +160,29 @@ impl Registry {
         ListPage { jobs, next_after }
     }
 
-    /// Weighs one request. Large batches go to the blocking pool; the job's lock is only taken
-    /// for the density update in the middle, so concurrent requests on one job apply one after
-    /// another and never mix.
+    /// Weighs one request: at once for an asynchronous job, once its step is complete for a
+    /// step-synchronous one.
     pub async fn harmonize(&self, id: &str, input: StepInput) -> Result<StepOutcome, JobError> {
+        self.get(id)?.harmonize(input).await
+    }
+
+    pub fn update(&self, id: &str, update: &JobUpdate) -> Result<JobSnapshot, JobError> {
         let job = self.get(id)?;
-        if job.spec().is_step_synchronous() {
-            return Err(JobError::InvalidSpec(format!(
-                "job {id:?} is step-synchronous, which this server does not support yet"
-            )));
-        }
-        if input.batch.element_count() <= self.limits.offload_elements {
-            return job.run_async_step(&input, &*self.observer);
-        }
-        let observer = Arc::clone(&self.observer);
-        tokio::task::spawn_blocking(move || job.run_async_step(&input, &*observer))
-            .await
-            .map_err(|e| JobError::Internal(format!("weighing task failed: {e}")))?
+        job.update(update)?;
+        Ok(job.snapshot())
+    }
+
+    /// Puts a job's density, counters and next step back to a checkpoint's.
+    pub fn restore(
+        &self,
+        id: &str,
+        acc_sum: Vec<f32>,
+        steps: u64,
+        elements: u64,
+        next_step: u64,
+    ) -> Result<JobSnapshot, JobError> {
+        let job = self.get(id)?;
+        job.restore(acc_sum, steps, elements, next_step)?;
+        Ok(job.snapshot())
     }
 }

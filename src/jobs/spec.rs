@@ -20,6 +20,13 @@ impl JobSpec {
     pub fn is_step_synchronous(&self) -> bool {
         self.world_size > 1
     }
+
+    /// World sizes 0 and 1 mean the same (asynchronous); jobs keep 1, so that CreateJob's
+    /// idempotency check does not tell them apart.
+    pub fn normalized(mut self) -> Self {
+        self.world_size = self.world_size.max(1);
+        self
+    }
 }
 
 /// Job ids appear in metric labels, file names and log lines, so they are kept to a safe

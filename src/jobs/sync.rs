@@ -202,6 +202,12 @@ impl Job {
                     }),
                 };
             }
+            if step == u64::MAX {
+                return Err(self.invalid_request(
+                    "step = 18446744073709551615: the last step number is reserved; steps must \
+                     stay below 2^64 - 1",
+                ));
+            }
             let world_size = sync.world_size_at(step);
             if rank >= world_size {
                 return Err(self.invalid_request(format!(
@@ -432,6 +438,11 @@ impl Job {
         next_step: u64,
     ) -> Result<(), JobError> {
         check_acc_sum(self.id(), &acc_sum, self.spec_bins())?;
+        if next_step == u64::MAX {
+            return Err(self.invalid_request(
+                "state.next_step = 18446744073709551615: steps must stay below 2^64 - 1",
+            ));
+        }
         let mut state = self.state.lock();
         match state.sync.as_mut() {
             Some(sync) => {

@@ -603,6 +603,11 @@ async fn a_rank_outside_the_world_is_invalid_and_changes_nothing() {
         "{}",
         status.message()
     );
+    let status = client
+        .harmonize(shard_request("ranks", u64::MAX, 0, &small_shard(1)))
+        .await
+        .expect_err("the last step number is reserved");
+    assert_eq!(status.code(), Code::InvalidArgument);
     let state = get_state(&mut client, "ranks").await;
     assert_eq!((state.steps, state.next_step), (0, 0));
     server.stop().await;

@@ -7,7 +7,10 @@ pub enum SpecError {
     Bins { bins: u32 },
     #[error("spec.momentum = {momentum}: must be in [0, 1)")]
     Momentum { momentum: f64 },
-    #[error("spec.mu = {mu}: must be > 0 and finite (0 selects the default {default})", default = super::DEFAULT_MU)]
+    #[error(
+        "spec.mu = {mu}: must be > 0 with mu * mu a nonzero finite float32, about 3e-23 to 1.8e19 (0 selects the default {default})",
+        default = super::DEFAULT_MU
+    )]
     Mu { mu: f64 },
     #[error("spec.mu = {mu}: GHM-C has no mu, leave it 0")]
     MuForGhmC { mu: f64 },

@@ -25,6 +25,13 @@ pub struct Spec {
     mu: f64,
 }
 
+/// g is derived with `mu * mu` rounded to f32 once: a square that underflows to 0 turns a
+/// residual of exactly 0 into a NaN norm (0 / 0), one that overflows turns every norm into 0.
+fn mu_is_usable(mu: f64) -> bool {
+    let squared = (mu * mu) as f32;
+    mu > 0.0 && squared > 0.0 && squared.is_finite()
+}
+
 impl Spec {
     /// `mu` of 0 selects [`DEFAULT_MU`] for GHM-R; GHM-C has no mu and keeps 0.
     pub fn new(loss: Loss, bins: u32, momentum: f64, mu: f64) -> Result<Self, SpecError> {
@@ -39,7 +46,7 @@ impl Spec {
             Loss::GhmC if mu != 0.0 => return Err(SpecError::MuForGhmC { mu }),
             Loss::GhmC => 0.0,
             Loss::GhmR if mu == 0.0 => DEFAULT_MU,
-            Loss::GhmR if !(mu.is_finite() && mu > 0.0) => return Err(SpecError::Mu { mu }),
+            Loss::GhmR if !mu_is_usable(mu) => return Err(SpecError::Mu { mu }),
             Loss::GhmR => mu,
         };
         Ok(Self {

@@ -1,0 +1,1 @@
+"""Stubs generated from proto/ghm/v1/ghm.proto by tools/gen_stubs.py; do not edit by hand."""

@@ -1,0 +1,520 @@
+"""Drop-in replacements for mmdetection's ``GHMC`` and ``GHMR`` whose density lives in ghmd.
+
+The constructors take mmdetection's arguments (``bins``, ``momentum``, ``use_sigmoid``,
+``loss_weight``, ``reduction``; ``mu`` for GHMR) plus the job's ``job_id`` and server
+``address``, and ``forward`` has mmdetection's signature. With one process they return the same
+loss, bit for bit in float32, as mmdetection's classes on the same inputs and state.
+
+By default (``mode="histogram"``) the bin counts are computed on the tensor's own device with
+the server's float32 half-open edges, only the M counts and the raw tot travel, and the returned
+bin table is applied locally: a batch of millions of anchors costs one small RPC.
+``mode="raw"`` sends the gradient norms (4 bytes per element) and receives per-element weights.
+
+Under ``torch.distributed`` the rank and world size W come from the process group, the job is
+step-synchronous (every rank gets the table of the global batch), steps are numbered per call,
+and the mean loss is multiplied by W: DDP averages gradients over ranks, so the averaged
+gradient is that of ``sum(w * L) / tot_global`` over the global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .client import Client, Harmonized, TLSConfig
+
+__all__ = ["GHMC", "GHMR", "bin_edges", "bin_indices", "expand_onehot_labels", "register_mmdet"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_MODES = ("histogram", "raw")
+# mmdetection's weight_reduce_loss adds this to avg_factor; kept so the mean is the same bits.
+_EPS = torch.finfo(torch.float32).eps
+# The job state a checkpoint carries beside mmdetection's own buffers (edges, acc_sum).
+_STATE_KEYS = ("steps", "elements", "next_step")
+
+
+def expand_onehot_labels(
+    labels: torch.Tensor, label_weights: torch.Tensor, label_channels: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer labels to mmdetection's binary targets.
+
+    A label c in [0, C) becomes a one-hot row; any other value (the background index C, or a
+    negative one) an all-zero row. Each label weight is repeated across the C columns.
+    """
+    targets = labels.new_zeros((labels.size(0), label_channels))
+    rows = torch.nonzero((labels >= 0) & (labels < label_channels), as_tuple=True)[0]
+    targets[rows, labels[rows]] = 1
+    weights = label_weights.reshape(-1, 1).expand(label_weights.size(0), label_channels)
+    return targets, weights
+
+
+def bin_edges(loss: str, bins: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """The M+1 float32 bin edges, exactly as the server and mmdetection compute them.
+
+    e_i = float32(i) / float32(M); GHM-C then adds 1e-6 to the last edge (so g = 1 falls in the
+    last bin), GHM-R sets it to 1000.
+    """
+    edges = torch.arange(bins + 1, dtype=torch.float32, device=device) / bins
+    if loss == "ghm_c":
+        edges[-1] += 1e-6
+    else:
+        edges[-1] = 1000.0
+    return edges
+
+
+def bin_indices(g: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The bin of each g: i with e_i <= g < e_{i+1}, decided by comparisons with the edges.
+
+    ``floor(g * M)`` alone misplaces values one ulp from an edge. Values below the first edge
+    give -1; values at or past the last edge, and NaN, give M.
+    """
+    return torch.bucketize(g.float(), edges, right=True) - 1
+
+
+class _RemoteGHM(nn.Module):
+    """What GHMC and GHMR share: the job, the step numbering, the exchange and the checkpoint."""
+
+    _loss = ""
+
+    def __init__(
+        self,
+        *,
+        bins: int,
+        momentum: float,
+        mu: float,
+        loss_weight: float,
+        reduction: str,
+        job_id: str,
+        address: Optional[str],
+        client: Optional[Client],
+        token: Optional[str],
+        tls: Union[None, bool, TLSConfig],
+        mode: str,
+        stream: bool,
+        world_size: Optional[int],
+        rank: Optional[int],
+        step_timeout: Union[float, datetime.timedelta, None],
+        allow_partial_steps: bool,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not job_id:
+            raise ValueError(f"{name}: job_id is required: the ghmd job this loss weighs with")
+        if mode not in _MODES:
+            raise ValueError(f"{name}: mode = {mode!r}: use 'histogram' or 'raw'")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"{name}: reduction = {reduction!r}: use one of {_REDUCTIONS}")
+        if address is None and client is None:
+            address = "127.0.0.1:50051"
+        self.bins = bins
+        self.momentum = momentum
+        self.mu = mu
+        self.loss_weight = loss_weight
+        self.reduction = reduction
+        self.job_id = job_id
+        self.address = address if address is not None else client.target
+        self.mode = mode
+        self.stream = stream
+        self.world_size = world_size
+        self.rank = rank
+        self.step_timeout = step_timeout
+        self.allow_partial_steps = allow_partial_steps
+        self._token = token
+        self._tls = tls
+        self.register_buffer("edges", bin_edges(self._loss, bins))
+        if momentum > 0:
+            # Mirrors the job's density after every step, as mmdetection's buffer of this name.
+            self.register_buffer("acc_sum", torch.zeros(bins))
+        #: The last step's answer (bin table, tot, EMA state), for logging and inspection.
+        self.last_result: Optional[Harmonized] = None
+        self._client = client
+        self._session: Any = None
+        self._job: Any = None
+        self._step: Optional[int] = None
+        self._pending_restore: Optional[Dict[str, Any]] = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"bins={self.bins}, momentum={self.momentum}, loss_weight={self.loss_weight}, "
+            f"job_id={self.job_id!r}, address={self.address!r}, mode={self.mode!r}"
+        )
+
+    # A gRPC channel cannot be pickled or deep-copied (mmdetection deep-copies models for EMA);
+    # a copy reconnects on first use.
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_client=None, _session=None, _job=None)
+        return state
+
+    def close(self) -> None:
+        """Closes the stream and the connection; the next call reconnects."""
+        if self._session is not None:
+            self._session.close()
+        if self._client is not None:
+            self._client.close()
+        self._session = None
+        self._client = None
+
+    # -- connection, job, steps ----------------------------------------------------------------
+
+    def _world(self) -> Tuple[int, int]:
+        if self.world_size is not None:
+            return self.world_size, self.rank or 0
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _connection(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.address, token=self._token, tls=self._tls)
+        return self._client
+
+    def _transport(self) -> Any:
+        if not self.stream:
+            return self._connection()
+        if self._session is None:
+            self._session = self._connection().stream()
+        return self._session
+
+    def _ensure_job(self) -> Any:
+        if self._job is None:
+            world_size, _ = self._world()
+            self._job = self._connection().create_job(
+                self.job_id,
+                self._loss,
+                self.bins,
+                self.momentum,
+                self.mu,
+                world_size=world_size if world_size > 1 else 0,
+                step_timeout=self.step_timeout,
+                allow_partial_steps=self.allow_partial_steps,
+            )
+        return self._job
+
+    def _next_step(self) -> int:
+        job = self._ensure_job()
+        if self._pending_restore is not None:
+            # Every rank loaded the same checkpoint; one restore, then a barrier so that no rank
+            # sends its step before the job is back (a restore aborts pending steps).
+            state, self._pending_restore = self._pending_restore, None
+            if self._world()[1] == 0:
+                self._connection().restore_job(self.job_id, state)
+            torch.distributed.barrier()
+        if self._step is None:
+            state = job.state
+            self._step = state.next_step if job.spec.world_size > 1 else state.steps
+        return self._step
+
+    def _weigh(
+        self, g: torch.Tensor, valid: torch.Tensor, label_weight: torch.Tensor
+    ) -> Tuple[torch.Tensor, float]:
+        """The GHM weight of every element of g, and the step's tot (global, clamped to 1)."""
+        bins = self.bins
+        edges = self.edges.to(g.device)
+        index = bin_indices(g, edges)
+        in_range = (index >= 0) & (index < bins)
+        # One bincount on the device: bins 0..M-1, then the invalid elements, then the valid ones
+        # outside every bin (a NaN or infinite pred), which the server would reject.
+        slots = torch.where(valid, torch.where(in_range, index, bins + 1), bins)
+        tally = torch.bincount(slots.reshape(-1), minlength=bins + 2).double()
+        if self._loss == "ghm_r":
+            tally = torch.cat([tally, label_weight.float().sum().double().reshape(1)])
+        summary = tally.tolist()  # the one device-to-host transfer of the step
+        if summary[bins + 1]:
+            bad = torch.nonzero((valid & ~in_range).reshape(-1))[0].item()
+            raise ValueError(
+                f"{type(self).__name__}: element {bad} (flattened) is valid but its gradient "
+                f"norm {g.reshape(-1)[bad].item()} lies in no bin [0, {edges[-1].item()}): "
+                "pred or target is not finite"
+            )
+        counts = np.array(summary[:bins], dtype=np.int64)
+        tot = float(counts.sum()) if self._loss == "ghm_c" else summary[bins + 2]
+
+        step = self._next_step()
+        _, rank = self._world()
+        transport = self._transport()
+        if self.mode == "histogram":
+            result = transport.harmonize_histogram(self.job_id, counts, tot, step=step, rank=rank)
+            table = torch.from_numpy(result.bin_weights).to(g.device)
+            weights = torch.where(valid, table[index.clamp(0, bins - 1)], table.new_zeros(()))
+        else:
+            norms = g.detach().float().reshape(-1).cpu().numpy()
+            label_weights = label_weight.float().reshape(-1).cpu().numpy()
+            result = transport.harmonize(
+                self.job_id, norms, label_weights=label_weights, step=step, rank=rank
+            )
+            weights = torch.from_numpy(result.weights).to(g.device).reshape(g.shape)
+        self._step = step + 1
+        self.last_result = result
+        if self.momentum > 0 and result.acc_sum.size:
+            self.acc_sum.copy_(torch.from_numpy(result.acc_sum))
+        return weights, result.tot
+
+    def _reduction(self, reduction_override: Optional[str]) -> str:
+        if reduction_override not in (None,) + _REDUCTIONS:
+            raise ValueError(
+                f"{type(self).__name__}: reduction_override = {reduction_override!r}: "
+                f"use None or one of {_REDUCTIONS}"
+            )
+        return reduction_override or self.reduction
+
+    def _reduce(
+        self, loss: torch.Tensor, weights: torch.Tensor, reduction: str, tot: float
+    ) -> torch.Tensor:
+        loss = loss * weights
+        if reduction == "mean":
+            loss = loss.sum() / (tot + _EPS)
+            world_size, _ = self._world()
+            if world_size > 1:
+                loss = loss * world_size
+        elif reduction == "sum":
+            # mmdetection raises here too: the loss is always normalised by tot.
+            raise ValueError(
+                f"{type(self).__name__}: reduction 'sum' cannot be used: GHM losses average by "
+                "tot ('mean') or return the weighted loss per element ('none')"
+            )
+        return loss * self.loss_weight
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._ensure_job()
+        state = self._connection().get_job(self.job_id).state
+        if self.momentum > 0:
+            destination[prefix + "acc_sum"] = torch.tensor(
+                np.array(state.acc_sum, dtype=np.float32), device=self.edges.device
+            )
+        next_step = self._step
+        if next_step is None:
+            next_step = state.next_step if self._job.spec.world_size > 1 else state.steps
+        destination[prefix + "steps"] = torch.tensor(state.steps, dtype=torch.int64)
+        destination[prefix + "elements"] = torch.tensor(state.elements, dtype=torch.int64)
+        destination[prefix + "next_step"] = torch.tensor(next_step, dtype=torch.int64)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: Any,
+        unexpected_keys: Any,
+        error_msgs: Any,
+    ) -> None:
+        # steps, elements and next_step are optional, so that a checkpoint of mmdetection's own
+        # GHMC/GHMR (edges and acc_sum only) resumes here too, from step 0.
+        ours = {prefix + name for name in _STATE_KEYS}
+        inner = {key: value for key, value in state_dict.items() if key not in ours}
+        errors_before = len(error_msgs)
+        missing_before = len(missing_keys)
+        super()._load_from_state_dict(
+            inner, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(error_msgs) > errors_before or len(missing_keys) > missing_before:
+            return  # load_state_dict raises (strict) or the checkpoint has no density to restore
+
+        def counter(name: str) -> int:
+            value = state_dict.get(prefix + name)
+            return 0 if value is None else int(value)
+
+        acc_sum = self.acc_sum if self.momentum > 0 else torch.zeros(self.bins)
+        state = {
+            "acc_sum": acc_sum.detach().float().cpu().numpy(),
+            "steps": counter("steps"),
+            "elements": counter("elements"),
+            "next_step": counter("next_step"),
+        }
+        self._step = state["next_step"]
+        world_size, _ = self._world()
+        if world_size > 1:
+            self._pending_restore = state
+        else:
+            # An asynchronous job has no next step of its own; the counter above only numbers
+            # (and echoes) this module's calls.
+            job = self._ensure_job()
+            if job.spec.world_size <= 1:
+                state["next_step"] = 0
+            self._connection().restore_job(self.job_id, state)
+
+
+class GHMC(_RemoteGHM):
+    """GHM-C, mmdetection's ``GHMC`` with its density in a ghmd job.
+
+    Args:
+        bins, momentum, use_sigmoid, loss_weight, reduction: as mmdetection's GHMC.
+        job_id: the ghmd job; every rank of a run uses the same one, and a resumed run too.
+        address: the ghmd server, ``host:port``. Ignored when ``client`` is given.
+        client: a :class:`ghmd.Client` to share instead of opening a connection.
+        token, tls: passed to the Client this loss opens.
+        mode: ``"histogram"`` (default: send M bin counts) or ``"raw"`` (send every norm).
+        stream: keep one HarmonizeStream open (default) instead of one call per step.
+        world_size, rank: override what torch.distributed says (world_size=1: an
+            asynchronous job of this process alone).
+        step_timeout, allow_partial_steps: the step-synchronous job's settings.
+    """
+
+    _loss = "ghm_c"
+
+    def __init__(
+        self,
+        bins: int = 10,
+        momentum: float = 0,
+        use_sigmoid: bool = True,
+        loss_weight: float = 1.0,
+        reduction: str = "mean",
+        *,
+        job_id: str,
+        address: Optional[str] = None,
+        client: Optional[Client] = None,
+        token: Optional[str] = None,
+        tls: Union[None, bool, TLSConfig] = None,
+        mode: str = "histogram",
+        stream: bool = True,
+        world_size: Optional[int] = None,
+        rank: Optional[int] = None,
+        step_timeout: Union[float, datetime.timedelta, None] = None,
+        allow_partial_steps: bool = False,
+    ) -> None:
+        if not use_sigmoid:
+            raise NotImplementedError("GHMC supports only use_sigmoid=True, as mmdetection's")
+        super().__init__(
+            bins=bins,
+            momentum=momentum,
+            mu=0.0,
+            loss_weight=loss_weight,
+            reduction=reduction,
+            job_id=job_id,
+            address=address,
+            client=client,
+            token=token,
+            tls=tls,
+            mode=mode,
+            stream=stream,
+            world_size=world_size,
+            rank=rank,
+            step_timeout=step_timeout,
+            allow_partial_steps=allow_partial_steps,
+        )
+        self.use_sigmoid = use_sigmoid
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        label_weight: torch.Tensor,
+        reduction_override: Optional[str] = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The GHM-C loss of logits ``pred`` [N, C] against binary ``target`` [N, C] (or
+        integer labels [N], expanded to one-hot), ``label_weight`` > 0 marking valid entries."""
+        reduction = self._reduction(reduction_override)
+        if pred.dim() != target.dim():
+            target, label_weight = expand_onehot_labels(target, label_weight, pred.size(-1))
+        target, label_weight = target.float(), label_weight.float()
+        g = torch.abs(pred.sigmoid().detach() - target)
+        weights, tot = self._weigh(g, label_weight > 0, label_weight)
+        loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        return self._reduce(loss, weights.to(loss.dtype), reduction, tot)
+
+
+class GHMR(_RemoteGHM):
+    """GHM-R, mmdetection's ``GHMR`` (Authentic Smooth L1) with its density in a ghmd job.
+
+    Args:
+        mu, bins, momentum, loss_weight, reduction: as mmdetection's GHMR.
+        The others: as :class:`GHMC`.
+    """
+
+    _loss = "ghm_r"
+
+    def __init__(
+        self,
+        mu: float = 0.02,
+        bins: int = 10,
+        momentum: float = 0,
+        loss_weight: float = 1.0,
+        reduction: str = "mean",
+        *,
+        job_id: str,
+        address: Optional[str] = None,
+        client: Optional[Client] = None,
+        token: Optional[str] = None,
+        tls: Union[None, bool, TLSConfig] = None,
+        mode: str = "histogram",
+        stream: bool = True,
+        world_size: Optional[int] = None,
+        rank: Optional[int] = None,
+        step_timeout: Union[float, datetime.timedelta, None] = None,
+        allow_partial_steps: bool = False,
+    ) -> None:
+        super().__init__(
+            bins=bins,
+            momentum=momentum,
+            mu=mu,
+            loss_weight=loss_weight,
+            reduction=reduction,
+            job_id=job_id,
+            address=address,
+            client=client,
+            token=token,
+            tls=tls,
+            mode=mode,
+            stream=stream,
+            world_size=world_size,
+            rank=rank,
+            step_timeout=step_timeout,
+            allow_partial_steps=allow_partial_steps,
+        )
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        label_weight: torch.Tensor,
+        avg_factor: Optional[float] = None,
+        reduction_override: Optional[str] = None,
+    ) -> torch.Tensor:
+        """The GHM-R loss of box deltas ``pred`` against ``target`` (same shape).
+
+        ``avg_factor`` is accepted and ignored, as mmdetection's GHMR does: the loss is always
+        averaged by tot.
+        """
+        reduction = self._reduction(reduction_override)
+        mu = self.mu
+        diff = pred - target
+        loss = torch.sqrt(diff * diff + mu * mu) - mu
+        # g is computed as the reference does, so it lands in the same bins; the server's own
+        # derivation from residuals uses a correctly rounded sqrt and may differ by an ulp.
+        g = torch.abs(diff / torch.sqrt(mu * mu + diff * diff)).detach()
+        weights, tot = self._weigh(g, label_weight > 0, label_weight)
+        return self._reduce(loss, weights.to(loss.dtype), reduction, tot)
+
+
+def register_mmdet(registry: Any = None) -> Any:
+    """Registers GHMC and GHMR as ``RemoteGHMC`` and ``RemoteGHMR`` in mmdetection's registry.
+
+    ``registry`` defaults to ``mmdet.registry.MODELS`` (mmdetection 3) or, failing that,
+    ``mmdet.models.builder.LOSSES`` (mmdetection 2). Registering again replaces the entries, so
+    calling this twice is harmless. Returns the registry.
+    """
+    if registry is None:
+        try:
+            from mmdet.registry import MODELS as registry  # noqa: N811
+        except ImportError:
+            try:
+                from mmdet.models.builder import LOSSES as registry  # noqa: N811
+            except ImportError as error:
+                raise ImportError(
+                    "register_mmdet needs mmdetection (mmdet.registry.MODELS or "
+                    "mmdet.models.builder.LOSSES), which is not importable here"
+                ) from error
+    registry.register_module(name="RemoteGHMC", module=GHMC, force=True)
+    registry.register_module(name="RemoteGHMR", module=GHMR, force=True)
+    return registry

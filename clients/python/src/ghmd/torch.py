@@ -244,7 +244,9 @@ class _RemoteGHM(nn.Module):
             table = torch.from_numpy(result.bin_weights).to(g.device)
             weights = torch.where(valid, table[index.clamp(0, bins - 1)], table.new_zeros(()))
         else:
-            norms = g.detach().float().reshape(-1).cpu().numpy()
+            # An ignored element weighs 0 whatever its g, as in the reference; the server
+            # rejects any non-finite norm, so an ignored one is sent as 0.
+            norms = torch.where(valid, g.detach().float(), 0.0).reshape(-1).cpu().numpy()
             label_weights = label_weight.float().reshape(-1).cpu().numpy()
             result = transport.harmonize(
                 self.job_id, norms, label_weights=label_weights, step=step, rank=rank

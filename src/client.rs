@@ -3,7 +3,10 @@
 
 use bytes::Bytes;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::proto::harmonize_request::Input;
 use crate::proto::harmonizer_client::HarmonizerClient;
@@ -34,9 +37,60 @@ pub fn bytes_to_f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// How to reach a server that wants TLS or a bearer token.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// Sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<String>,
+    /// The server's CA (`ca_certificate`), this client's certificate for mutual TLS
+    /// (`identity`), the name the server's certificate holds (`domain_name`). Use an
+    /// `https://` target with it.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the token cannot be sent as an HTTP header value (visible ASCII only)")]
+    InvalidToken,
+}
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Credentials {
+    pub fn bearer(token: &str) -> Result<Self, ClientError> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(Self {
+            authorization: Some(value),
+        })
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The channel under the typed client: a connection plus the caller's credentials.
+pub type Transport = InterceptedService<Channel, Credentials>;
+
 #[derive(Clone)]
 pub struct Client {
-    inner: HarmonizerClient<Channel>,
+    inner: HarmonizerClient<Transport>,
 }
 
 impl Client {
@@ -46,16 +100,37 @@ impl Client {
         Ok(Self::from_channel(channel))
     }
 
+    /// Connects with TLS and/or a bearer token; `https://host:port` with TLS.
+    pub async fn connect_with(
+        target: impl Into<String>,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let credentials = match &options.token {
+            Some(token) => Credentials::bearer(token)?,
+            None => Credentials::default(),
+        };
+        let mut endpoint = Endpoint::from_shared(target.into())?;
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint.connect().await?;
+        Ok(Self::with_credentials(channel, credentials))
+    }
+
     pub fn from_channel(channel: Channel) -> Self {
+        Self::with_credentials(channel, Credentials::default())
+    }
+
+    pub fn with_credentials(channel: Channel, credentials: Credentials) -> Self {
         Self {
-            inner: HarmonizerClient::new(channel)
+            inner: HarmonizerClient::new(InterceptedService::new(channel, credentials))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         }
     }
 
     /// The generated client, for calls this wrapper does not cover.
-    pub fn raw(&mut self) -> &mut HarmonizerClient<Channel> {
+    pub fn raw(&mut self) -> &mut HarmonizerClient<Transport> {
         &mut self.inner
     }
 

@@ -1,6 +1,7 @@
 //! Every knob of ghmd: a flag, an environment variable, a default, and a line in the README.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -70,6 +71,33 @@ pub struct ServeConfig {
     /// After SIGINT/SIGTERM, how long in-flight requests may take before the server exits anyway.
     #[arg(long, env = "GHMD_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+
+    /// PEM certificate chain of the server; with --tls-key, the port speaks only TLS.
+    #[arg(long, env = "GHMD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "GHMD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): when set, every client must present a certificate they signed
+    /// (mutual TLS).
+    #[arg(long, env = "GHMD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// TOML file of bearer tokens, each with a name and the job-id prefixes it may use (see the
+    /// README). Without it the server is open to anyone who reaches the port. SIGHUP rereads it.
+    #[arg(long, env = "GHMD_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// RPCs served at once, server-wide (a stream counts while it is open); one more is answered
+    /// RESOURCE_EXHAUSTED at once. Health checks are not counted.
+    #[arg(long, env = "GHMD_MAX_CONCURRENT_REQUESTS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, env = "GHMD_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
 }
 
 impl ServeConfig {

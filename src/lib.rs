@@ -3,10 +3,13 @@
 //! `ghm` is the math, `jobs` the per-job state, `api` the gRPC surface, `server` the wiring.
 
 pub mod api;
+pub mod auth;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod ghm;
 pub mod jobs;
+pub mod limit;
 pub mod server;
 pub mod telemetry;
 

@@ -6,11 +6,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::access::{access_of, authorize};
 use super::convert::{
     job_to_proto, outcome_to_proto, spec_from_proto, step_input_from_proto, update_from_proto,
 };
 use super::status::missing;
+use crate::auth::Access;
 use crate::jobs::{Registry, validate_job_id};
+use crate::proto::harmonize_request::Input;
 use crate::proto::harmonizer_server::Harmonizer;
 use crate::proto::{
     CreateJobRequest, DeleteJobRequest, DeleteJobResponse, GetJobRequest, HarmonizeRequest,
@@ -20,11 +23,18 @@ use crate::proto::{
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 
+/// An upper bound on what a HarmonizeResponse carries besides its weights: the job id's length
+/// is added to it; then every other field with its tag and length, both tables at the largest
+/// bin count, and the missing ranks of the largest world.
+const RESPONSE_OVERHEAD: usize =
+    6 * 11 + 2 * 4 * crate::ghm::MAX_BINS as usize + 5 * super::convert::MAX_WORLD_SIZE as usize;
+
 /// The `ghm.v1.Harmonizer` service over a job registry.
 #[derive(Clone)]
 pub struct HarmonizerService {
     registry: Registry,
     max_step_timeout: Duration,
+    max_response_bytes: usize,
 }
 
 impl HarmonizerService {
@@ -32,10 +42,43 @@ impl HarmonizerService {
         Self {
             registry,
             max_step_timeout,
+            max_response_bytes: usize::MAX,
         }
     }
 
-    async fn harmonize_one(&self, request: HarmonizeRequest) -> Result<HarmonizeResponse, Status> {
+    /// The encoder's limit (`--max-send-message-bytes`). A response above it would fail only
+    /// after its step was applied, so requests whose weights cannot fit are refused up front.
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    fn check_response_fits(&self, request: &HarmonizeRequest) -> Result<(), Status> {
+        let (field, elements) = match &request.input {
+            Some(Input::GradientNorms(bytes)) => ("gradient_norms", bytes.len() / 4),
+            Some(Input::Residuals(bytes)) => ("residuals", bytes.len() / 4),
+            _ => return Ok(()),
+        };
+        let largest = 4 * elements + request.job_id.len() + RESPONSE_OVERHEAD;
+        if largest > self.max_response_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "{field} has {elements} elements: their weights need a response of up to {largest} bytes, above the {} of --max-send-message-bytes; send at most {} elements per request",
+                self.max_response_bytes,
+                self.max_response_bytes
+                    .saturating_sub(request.job_id.len() + RESPONSE_OVERHEAD)
+                    / 4
+            )));
+        }
+        Ok(())
+    }
+
+    async fn harmonize_one(
+        &self,
+        access: &Access,
+        request: HarmonizeRequest,
+    ) -> Result<HarmonizeResponse, Status> {
+        authorize(access, &request.job_id)?;
+        self.check_response_fits(&request)?;
         let (job_id, input) = step_input_from_proto(request)?;
         let outcome = self.registry.harmonize(&job_id, input).await?;
         Ok(outcome_to_proto(job_id, outcome))
@@ -50,17 +93,22 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<CreateJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let access = access_of(&request)?;
         let request = request.into_inner();
+        authorize(&access, &request.job_id)?;
         let spec = spec_from_proto(request.spec, self.max_step_timeout)?;
         let (job, created) = self.registry.create(&request.job_id, spec)?;
         if created {
-            tracing::info!(job_id = %request.job_id, "job created");
+            tracing::info!(job_id = %request.job_id, caller = access.name(), "job created");
         }
         Ok(Response::new(job_to_proto(job)))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        let job = self.registry.get(&request.into_inner().job_id)?;
+        let access = access_of(&request)?;
+        let job_id = request.into_inner().job_id;
+        authorize(&access, &job_id)?;
+        let job = self.registry.get(&job_id)?;
         Ok(Response::new(job_to_proto(job.snapshot())))
     }
 
@@ -68,6 +116,7 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let access = access_of(&request)?;
         let request = request.into_inner();
         let page_size = match request.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
@@ -83,7 +132,9 @@ impl Harmonizer for HarmonizerService {
             })?;
             Some(request.page_token.as_str())
         };
-        let page = self.registry.list(&request.prefix, after, page_size);
+        let page = self
+            .registry
+            .list(&request.prefix, after, page_size, |id| access.may_use(id));
         Ok(Response::new(ListJobsResponse {
             jobs: page.jobs.into_iter().map(job_to_proto).collect(),
             next_page_token: page.next_after.unwrap_or_default(),
@@ -94,9 +145,11 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<DeleteJobRequest>,
     ) -> Result<Response<DeleteJobResponse>, Status> {
+        let access = access_of(&request)?;
         let job_id = request.into_inner().job_id;
+        authorize(&access, &job_id)?;
         self.registry.delete(&job_id)?;
-        tracing::info!(%job_id, "job deleted");
+        tracing::info!(%job_id, caller = access.name(), "job deleted");
         Ok(Response::new(DeleteJobResponse {}))
     }
 
@@ -104,7 +157,9 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<UpdateJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let access = access_of(&request)?;
         let request = request.into_inner();
+        authorize(&access, &request.job_id)?;
         let update = update_from_proto(&request, self.max_step_timeout)?;
         let job = self.registry.update(&request.job_id, &update)?;
         tracing::info!(job_id = %request.job_id, ?update, "job updated");
@@ -115,7 +170,9 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<RestoreJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let access = access_of(&request)?;
         let request = request.into_inner();
+        authorize(&access, &request.job_id)?;
         let state = request.state.ok_or_else(|| missing("state"))?;
         let job = self.registry.restore(
             &request.job_id,
@@ -132,7 +189,8 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<HarmonizeRequest>,
     ) -> Result<Response<HarmonizeResponse>, Status> {
-        self.harmonize_one(request.into_inner())
+        let access = access_of(&request)?;
+        self.harmonize_one(&access, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -145,13 +203,14 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<Streaming<HarmonizeRequest>>,
     ) -> Result<Response<Self::HarmonizeStreamStream>, Status> {
+        let access = access_of(&request)?;
         let mut inbound = request.into_inner();
         let service = self.clone();
         let (responses, outbound) = mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 let result = match message {
-                    Ok(request) => service.harmonize_one(request).await,
+                    Ok(request) => service.harmonize_one(&access, request).await,
                     Err(status) => Err(status),
                 };
                 let failed = result.is_err();

@@ -140,13 +140,23 @@ impl Registry {
         Ok(())
     }
 
-    /// Jobs in id order, starting after `after`, at most `page_size` of them.
-    pub fn list(&self, prefix: &str, after: Option<&str>, page_size: usize) -> ListPage {
+    /// Jobs in id order, starting after `after`, at most `page_size` of them, of those for
+    /// which `visible` holds (the caller's own, when tokens are in force).
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        page_size: usize,
+        visible: impl Fn(&str) -> bool,
+    ) -> ListPage {
         let mut ids: Vec<String> = self
             .jobs
             .iter()
+            .filter(|entry| {
+                let id = entry.key().as_str();
+                id.starts_with(prefix) && after.is_none_or(|after| id > after) && visible(id)
+            })
             .map(|entry| entry.key().clone())
-            .filter(|id| id.starts_with(prefix) && after.is_none_or(|after| id.as_str() > after))
             .collect();
         ids.sort_unstable();
         let more = ids.len() > page_size;

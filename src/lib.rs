@@ -2,6 +2,10 @@
 //!
 //! `ghm` is the math, `jobs` the per-job state, `api` the gRPC surface, `server` the wiring.
 
+// No panic on a request path: a hostile or unlucky request must get a status, never take a
+// worker thread (or the process) down. Tests may unwrap.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod auth;
 pub mod client;

@@ -1,3 +1,7 @@
+// No panic on a request path: a hostile or unlucky request must get a status, never take a
+// worker thread (or the process) down. Tests may unwrap.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -1,0 +1,220 @@
+//! The GHM-C kernel on one core: validate + bin + weigh a batch, against a plain copy of the same
+//! norm bytes measured in the same run, so that the ratio survives a noisy, shared machine.
+//!
+//! `cargo bench --bench kernel` measures and then prints a table of elements per second and the
+//! ratio to the copy (medians). `cargo test --all-targets` runs every routine once, as a smoke test.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use ghmd::ghm::{self, BinEdges, Density, InputField, Loss};
+
+const BINS: usize = 30;
+const MOMENTUM: f64 = 0.75;
+/// 1M and 16M elements: one typical batch of a detector's anchors, and the largest the server
+/// accepts by default.
+const SIZES: [usize; 2] = [1_000_000, 16_000_000];
+/// The targets: elements per second at 1M, and the ratio to the copy at 16M.
+const TARGET_ELEMENTS_PER_SECOND_1M: f64 = 1e9;
+const TARGET_COPY_RATIO_16M: f64 = 0.33;
+
+/// A batch as a request carries it: little-endian float32 bytes.
+struct Batch {
+    norms: Vec<u8>,
+    label_weights: Vec<u8>,
+}
+
+/// splitmix64: a deterministic generator, so that every run weighs the same batch.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// What a single-stage detector's GHM-C sees: g = |sigmoid(x) - y| is tiny for the flood of easy
+/// negatives (95%), the rest spread over [0, 1] with a few exact 0s and 1s; 3% of the anchors
+/// are ignored (label weight 0).
+fn realistic_batch(elements: usize) -> Batch {
+    let mut rng = SplitMix(0x6768_6d64);
+    let mut norms = Vec::with_capacity(elements * 4);
+    let mut label_weights = Vec::with_capacity(elements * 4);
+    for _ in 0..elements {
+        let pick = rng.unit();
+        let g = if pick < 0.95 {
+            let logit = -4.0 - 6.0 * rng.unit();
+            1.0 / (1.0 + (-logit).exp())
+        } else if pick < 0.951 {
+            0.0
+        } else if pick < 0.952 {
+            1.0
+        } else {
+            rng.unit()
+        };
+        let weight = if rng.unit() < 0.03 { 0.0f32 } else { 1.0 };
+        norms.extend_from_slice(&g.to_le_bytes());
+        label_weights.extend_from_slice(&weight.to_le_bytes());
+    }
+    Batch {
+        norms,
+        label_weights,
+    }
+}
+
+/// One request's worth of kernel work, as the server does it: views, pass one, the O(bins)
+/// density update, pass two.
+fn weigh(edges: &BinEdges, density: &mut Density, batch: &Batch) -> Vec<u8> {
+    let (norms, label_weights) = ghm::float32_views(
+        &batch.norms,
+        InputField::GradientNorms,
+        Some(&batch.label_weights),
+    )
+    .expect("the batch is well formed");
+    let counts = ghm::count_batch(
+        Loss::GhmC,
+        edges,
+        norms,
+        InputField::GradientNorms,
+        label_weights,
+    )
+    .expect("the batch is valid");
+    let table = density.step(MOMENTUM, &counts);
+    ghm::write_weights(edges, &table, norms, label_weights)
+}
+
+/// Per-iteration times of every routine, kept beside criterion's own report so that the ratio
+/// can be printed at the end.
+static TIMES: Mutex<BTreeMap<(usize, &'static str), Vec<Duration>>> = Mutex::new(BTreeMap::new());
+
+fn record(size: usize, routine: &'static str, per_iteration: Duration) {
+    TIMES
+        .lock()
+        .expect("no routine panics while holding the lock")
+        .entry((size, routine))
+        .or_default()
+        .push(per_iteration);
+}
+
+fn timed(
+    size: usize,
+    routine: &'static str,
+    iters: u64,
+    mut body: impl FnMut() -> Vec<u8>,
+) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        black_box(body());
+    }
+    let elapsed = start.elapsed();
+    record(size, routine, elapsed / iters.max(1) as u32);
+    elapsed
+}
+
+fn kernel_benches(c: &mut Criterion) {
+    let edges = BinEdges::new(Loss::GhmC, BINS);
+    for size in SIZES {
+        let batch = realistic_batch(size);
+        let mut density = Density::new(BINS);
+        let mut group = c.benchmark_group(format!("ghm_c_{}", size));
+        group.throughput(Throughput::Elements(size as u64));
+        if size > 1_000_000 {
+            group.sample_size(20);
+            group.measurement_time(Duration::from_secs(8));
+        }
+        group.bench_function(BenchmarkId::new("copy", size), |b| {
+            b.iter_custom(|iters| timed(size, "copy", iters, || black_box(&batch.norms).to_vec()))
+        });
+        group.bench_function(BenchmarkId::new("kernel", size), |b| {
+            b.iter_custom(|iters| {
+                timed(size, "kernel", iters, || {
+                    weigh(&edges, &mut density, black_box(&batch))
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort_unstable();
+    sorted[sorted.len() / 2]
+}
+
+fn print_ratios() {
+    let times = TIMES.lock().expect("the benchmarks are done");
+    println!();
+    println!(
+        "{:>12} {:>14} {:>14} {:>12} {:>8}  target",
+        "elements", "kernel elem/s", "copy elem/s", "kernel/copy", "samples"
+    );
+    for size in SIZES {
+        let (Some(kernel), Some(copy)) = (times.get(&(size, "kernel")), times.get(&(size, "copy")))
+        else {
+            continue;
+        };
+        let per_second = |d: Duration| size as f64 / d.as_secs_f64();
+        let (kernel_rate, copy_rate) = (per_second(median(kernel)), per_second(median(copy)));
+        let ratio = kernel_rate / copy_rate;
+        let target = if size == 1_000_000 {
+            let met = kernel_rate >= TARGET_ELEMENTS_PER_SECOND_1M;
+            format!(
+                ">= {:.2e} elem/s: {}",
+                TARGET_ELEMENTS_PER_SECOND_1M,
+                if met { "met" } else { "NOT met" }
+            )
+        } else {
+            let met = ratio >= TARGET_COPY_RATIO_16M;
+            format!(
+                ">= {TARGET_COPY_RATIO_16M} of copy: {}",
+                if met { "met" } else { "NOT met" }
+            )
+        };
+        println!(
+            "{size:>12} {kernel_rate:>14.3e} {copy_rate:>14.3e} {ratio:>12.3} {:>8}  {target}",
+            kernel.len()
+        );
+    }
+}
+
+/// `GHMD_KERNEL_PROFILE=N` weighs the 1M batch N times and exits, without criterion: a fixed
+/// workload for `valgrind --tool=callgrind`, whose instruction counts do not depend on what else
+/// the machine is doing.
+fn profile(iterations: usize) {
+    let edges = BinEdges::new(Loss::GhmC, BINS);
+    let batch = realistic_batch(SIZES[0]);
+    let mut density = Density::new(BINS);
+    for _ in 0..iterations {
+        black_box(weigh(&edges, &mut density, black_box(&batch)));
+    }
+}
+
+fn main() {
+    if let Some(iterations) = std::env::var("GHMD_KERNEL_PROFILE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        profile(iterations);
+        return;
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    kernel_benches(&mut criterion);
+    criterion.final_summary();
+    // Only a real measurement has numbers worth a ratio; `cargo test` runs each routine once.
+    if std::env::args().any(|arg| arg == "--bench") {
+        print_ratios();
+    }
+}

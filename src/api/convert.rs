@@ -40,6 +40,18 @@ pub fn step_timeout_from_proto(
     let Some(value) = value else {
         return Ok(DEFAULT_STEP_TIMEOUT.min(max));
     };
+    // prost would quietly normalise {1s, -5ns} or {0s, 2^31ns}; the protobuf spec calls them
+    // invalid, and a timeout the caller did not mean is worse than a refusal.
+    let nanos_ok = (-999_999_999..=999_999_999).contains(&value.nanos)
+        && !(value.seconds > 0 && value.nanos < 0)
+        && !(value.seconds < 0 && value.nanos > 0);
+    if !nanos_ok {
+        return Err(Status::invalid_argument(format!(
+            "{field} = {}s {}ns: not a valid google.protobuf.Duration (nanos must be within \
+             +-999999999 and have the sign of seconds)",
+            value.seconds, value.nanos
+        )));
+    }
     let timeout = Duration::try_from(value).map_err(|_| {
         Status::invalid_argument(format!(
             "{field} = {}s {}ns: must be positive",

@@ -150,6 +150,19 @@ def test_binning_matches_comparisons_with_the_edges():
             assert set(bin_indices(outside, edges).tolist()) <= {-1, bins}
 
 
+def test_binning_equals_a_binary_search_of_the_edges():
+    generator = torch.Generator().manual_seed(9)
+    g = torch.cat([torch.rand(200_000, generator=generator),
+                   torch.rand(1000, generator=generator) * 3 - 1,
+                   torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan")])])
+    for loss in ("ghm_c", "ghm_r"):
+        for bins in (1, 2, 10, 30, 97, 4096):
+            edges = bin_edges(loss, bins)
+            searched = torch.bucketize(g, edges, right=True) - 1
+            searched[searched > bins] = bins  # NaN: past the last edge
+            assert torch.equal(bin_indices(g, edges), searched), (loss, bins)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_non_finite_prediction_is_refused_before_it_reaches_the_job(address, job_id, mode):
     ours = GHMR(bins=10, momentum=0.7, job_id=job_id, address=address, mode=mode)

@@ -70,10 +70,20 @@ def bin_edges(loss: str, bins: int, device: Union[torch.device, str, None] = Non
 def bin_indices(g: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """The bin of each g: i with e_i <= g < e_{i+1}, decided by comparisons with the edges.
 
-    ``floor(g * M)`` alone misplaces values one ulp from an edge. Values below the first edge
-    give -1; values at or past the last edge, and NaN, give M.
+    ``floor(g * M)`` alone misplaces values one ulp from an edge, but it is never off by more
+    than one bin (its float32 rounding error is below 1 for any M <= 4096), so it serves as a
+    first guess that one comparison with each neighbouring edge corrects: the same answer as a
+    binary search of the edges (``torch.bucketize(g, edges, right=True) - 1``), several times
+    faster. Values below the first edge give -1; values at or past the last edge, and NaN, M.
     """
-    return torch.bucketize(g.float(), edges, right=True) - 1
+    g = g.float()
+    bins = edges.numel() - 1
+    guess = torch.nan_to_num(g * bins, nan=0.0).floor_().clamp_(0, bins - 1).long()
+    guess -= (g < edges.take(guess)).long()
+    guess += (g >= edges.take(guess + 1)).long()
+    inside = (g >= edges[0]) & (g < edges[bins])
+    outside = torch.where(g < edges[0], -1, bins)
+    return torch.where(inside, guess, outside)
 
 
 class _RemoteGHM(nn.Module):
@@ -242,7 +252,7 @@ class _RemoteGHM(nn.Module):
         if self.mode == "histogram":
             result = transport.harmonize_histogram(self.job_id, counts, tot, step=step, rank=rank)
             table = torch.from_numpy(result.bin_weights).to(g.device)
-            weights = torch.where(valid, table[index.clamp(0, bins - 1)], table.new_zeros(()))
+            weights = torch.where(valid, table.take(index.clamp(0, bins - 1)), table.new_zeros(()))
         else:
             # An ignored element weighs 0 whatever its g, as in the reference; the server
             # rejects any non-finite norm, so an ignored one is sent as 0.

@@ -11,3 +11,8 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked --all-targets
+echo "== Python client: pytest against a release ghmd"
+cargo build --release --locked --bin ghmd
+venv=$(scripts/python-venv.sh)
+ghmd_bin="$PWD/target/release/ghmd"
+(cd clients/python && GHMD_BIN="$ghmd_bin" "$venv/bin/python" -m pytest)

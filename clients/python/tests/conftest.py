@@ -44,13 +44,15 @@ def ghmd_binary() -> Path:
 class Server:
     """A ghmd process on 127.0.0.1:<port>, stopped with SIGTERM."""
 
-    def __init__(self, log_path: Path, *extra_args: str) -> None:
+    def __init__(self, log_path: Path, *extra_args: str, credentials=None) -> None:
+        self.credentials = credentials
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [str(ghmd_binary()), "serve", "--listen", self.address, "--shutdown-grace", "3s", *extra_args],
+            [str(ghmd_binary()), "serve", "--listen", self.address, "--shutdown-grace", "3s",
+             *extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
@@ -58,7 +60,11 @@ class Server:
 
     def wait_serving(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        if self.credentials is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            channel = grpc.secure_channel(self.address, self.credentials)
+        with channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.process.poll() is not None:

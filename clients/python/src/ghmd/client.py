@@ -275,9 +275,27 @@ class Client:
     def _unary(self, method: str, request: Any, timeout: Optional[float] = None) -> Any:
         rpc = getattr(self._stub, method)
         deadline = self.timeout if timeout is None else timeout
-        return self._with_retries(
-            method, lambda: rpc(request, timeout=deadline, metadata=self._metadata)
-        )
+
+        def attempt() -> Any:
+            started = time.monotonic()
+            try:
+                return rpc(request, timeout=deadline, metadata=self._metadata)
+            except grpc.RpcError as error:
+                failure = GhmdError.from_rpc_error(error, method)
+            # A tonic server answers a request whose grpc-timeout passed with CANCELLED, and
+            # that can arrive before the client's own DEADLINE_EXCEEDED: report what happened.
+            if (
+                failure.code == grpc.StatusCode.CANCELLED
+                and time.monotonic() - started >= deadline
+            ):
+                failure = GhmdError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no answer within {deadline}s (server: {failure.message})",
+                    method,
+                )
+            raise failure
+
+        return self._with_retries(method, attempt)
 
     # -- jobs ----------------------------------------------------------------------------------
 

@@ -195,9 +195,11 @@ class Client:
     Every call has a deadline (``timeout`` seconds; ``harmonize_timeout`` for Harmonize, which on a
     step-synchronous job waits for the other ranks, up to the job's step timeout) and is retried
     with exponential backoff and jitter on UNAVAILABLE, up to ``retries`` times. Retrying is safe:
-    CreateJob and RestoreJob are idempotent, and so is a step, which the server identifies by
-    (job, step, rank) and answers again from its stored table. The one visible effect is that a
-    DeleteJob whose first answer was lost reports NOT_FOUND.
+    CreateJob and RestoreJob are idempotent, and so is a step of a step-synchronous job, which the
+    server identifies by (job, step, rank) and answers again from its stored table. Two visible
+    effects remain: a DeleteJob whose first answer was lost reports NOT_FOUND, and an asynchronous
+    job (world_size 0 or 1), where every request is a step of its own, applies a step twice if
+    the connection broke after the server applied it but before the answer arrived.
     """
 
     def __init__(
@@ -427,10 +429,11 @@ class HarmonizeSession:
     """One HarmonizeStream kept open across many steps: one request, then its response.
 
     A step costs one message each way on an open HTTP/2 stream instead of a new call. Not
-    thread-safe: one session per training loop. The server ends a stream at the first rejected
-    request; the session then raises that request's GhmdError and opens a new stream for the
-    next one. A stream that breaks with UNAVAILABLE is reopened and the pending request resent,
-    with the client's backoff, which is safe because steps are idempotent.
+    thread-safe: one session per training loop. The stream has no deadline of its own: on a
+    step-synchronous job the job's step timeout bounds each wait. The server ends a stream at
+    the first rejected request; the session then raises that request's GhmdError and opens a
+    new stream for the next one. A stream that breaks with UNAVAILABLE is reopened and the
+    pending request resent with the client's backoff (see Client on when that is idempotent).
     """
 
     def __init__(self, client: Client) -> None:

@@ -12,7 +12,8 @@ requirements=clients/python/requirements-ci.txt
 python=${PYTHON:-python3}
 cache=${GHMD_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ghmd-ci}
 
-key=$({ cat "$requirements"; "$python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)
+key=$({ cat "$requirements"; "$python" -c 'import sys; print(sys.version)'; } |
+  sha256sum | cut -c1-16)
 venv="$cache/venv-$key"
 
 # The marker is written last, so an interrupted build is never mistaken for a complete one.

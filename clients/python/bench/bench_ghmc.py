@@ -1,7 +1,8 @@
 """GHM-C on a 1M-element batch: ghmd's two paths against mmdetection's in-process loop.
 
     cargo build --release
-    PYTHONPATH=clients/python/src python clients/python/bench/bench_ghmc.py --ghmd target/release/ghmd
+    PYTHONPATH=clients/python/src \
+      python clients/python/bench/bench_ghmc.py --ghmd target/release/ghmd --threads 1
 
 Times, on the same data and from the same state (bins 30, momentum 0.75, as mmdetection's GHM
 RetinaNet config), the median of --repeat calls of:
@@ -154,7 +155,8 @@ def run(args) -> None:
                      ("histogram path", histogram_weights)]),
         ("loss forward", [("mmdetection GHMC (reference)",
                            lambda: loss_reference(pred, target, label_weight)),
-                          ("ghmd.torch.GHMC, histogram", lambda: loss_hist(pred, target, label_weight)),
+                          ("ghmd.torch.GHMC, histogram",
+                           lambda: loss_hist(pred, target, label_weight)),
                           ("ghmd.torch.GHMC, raw", lambda: loss_raw(pred, target, label_weight))]),
     ):
         print(f"\n{group}:")

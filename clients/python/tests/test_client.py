@@ -289,7 +289,8 @@ def test_a_server_that_comes_up_late_is_reached_by_retrying(job_id):
     def launch():
         time.sleep(0.5)
         started["process"] = subprocess.Popen(
-            [str(ghmd_binary()), "serve", "--listen", f"127.0.0.1:{port}", "--shutdown-grace", "1s"],
+            [str(ghmd_binary()), "serve", "--listen", f"127.0.0.1:{port}",
+             "--shutdown-grace", "1s"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

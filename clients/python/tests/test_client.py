@@ -298,7 +298,7 @@ def test_a_server_that_comes_up_late_is_reached_by_retrying(job_id):
     launcher = threading.Thread(target=launch)
     launcher.start()
     try:
-        with Client(f"127.0.0.1:{port}", retries=10, backoff=0.1, max_backoff=0.5) as client:
+        with Client(f"127.0.0.1:{port}", retries=30, backoff=0.1, max_backoff=0.5) as client:
             assert client.create_job(job_id, "ghm_c").job_id == job_id
     finally:
         launcher.join()

@@ -15,4 +15,7 @@ echo "== Python client: pytest against a release ghmd"
 cargo build --release --locked --bin ghmd
 venv=$(scripts/python-venv.sh)
 ghmd_bin="$PWD/target/release/ghmd"
-(cd clients/python && GHMD_BIN="$ghmd_bin" "$venv/bin/python" -m pytest)
+# The servers pytest starts keep no state and take any free metrics port, so that several can
+# run at once without sharing ./ghmd-data or 127.0.0.1:9464.
+(cd clients/python && GHMD_BIN="$ghmd_bin" GHMD_IN_MEMORY=true GHMD_METRICS_LISTEN=127.0.0.1:0 \
+  "$venv/bin/python" -m pytest)

@@ -17,10 +17,34 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the serve variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gRPC server.
     Serve(ServeConfig),
+    /// Ask a ghmd's gRPC health service whether it serves; exit 0 if it does, 1 if not. For
+    /// container HEALTHCHECKs and exec probes, so that the image needs no other binary.
+    Health(HealthConfig),
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct HealthConfig {
+    /// The server to ask: a URI or host:port.
+    #[arg(
+        long,
+        env = "GHMD_HEALTH_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub addr: String,
+
+    /// The service whose status to ask for; the empty string asks about the server as a whole.
+    #[arg(long, default_value = "ghm.v1.Harmonizer")]
+    pub service: String,
+
+    /// How long to wait for the answer, connecting included.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,6 +122,45 @@ pub struct ServeConfig {
     /// HTTP/2 streams one connection may have open at once.
     #[arg(long, env = "GHMD_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
+
+    /// Address of the HTTP listener for /metrics, /healthz and /readyz. Port 0 picks a free port.
+    #[arg(long, env = "GHMD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
+    /// Export each job's EMA density per bin as the gauge ghmd_job_density.
+    #[arg(long, env = "GHMD_JOB_METRICS")]
+    pub job_metrics: bool,
+
+    /// With --job-metrics: the most ghmd_job_density series one scrape carries. Jobs are taken
+    /// in id order while their bins fit; the rest are counted in ghmd_job_density_omitted_jobs.
+    #[arg(long, env = "GHMD_JOB_METRICS_MAX_SERIES", default_value_t = 1000)]
+    pub job_metrics_max_series: usize,
+
+    /// Where job specs and states are kept across restarts.
+    #[arg(long, env = "GHMD_DATA_DIR", default_value = "./ghmd-data")]
+    pub data_dir: PathBuf,
+
+    /// How often the state is written to the data dir when it changed (and once more at shutdown).
+    #[arg(long, env = "GHMD_SNAPSHOT_INTERVAL", value_parser = parse_positive_duration, default_value = "5s")]
+    pub snapshot_interval: Duration,
+
+    /// If the state file fails its version or checksum check, rename it aside and start empty
+    /// instead of refusing to start.
+    #[arg(long, env = "GHMD_DISCARD_CORRUPT_STATE")]
+    pub discard_corrupt_state: bool,
+
+    /// Keep everything in memory: no data dir is read or written.
+    #[arg(long, env = "GHMD_IN_MEMORY")]
+    pub in_memory: bool,
+}
+
+/// A zero interval would make the snapshot task spin.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be longer than 0".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 impl ServeConfig {

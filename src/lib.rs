@@ -1,6 +1,7 @@
 //! ghmd: Gradient Harmonizing Mechanism weights as a service.
 //!
-//! `ghm` is the math, `jobs` the per-job state, `api` the gRPC surface, `server` the wiring.
+//! `ghm` is the math, `jobs` the per-job state, `api` the gRPC surface, `server` the wiring;
+//! `metrics`, `persist` and `http` make it operable.
 
 // No panic on a request path: a hostile or unlucky request must get a status, never take a
 // worker thread (or the process) down. Tests may unwrap.
@@ -12,8 +13,12 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod ghm;
+pub mod health;
+pub mod http;
 pub mod jobs;
 pub mod limit;
+pub mod metrics;
+pub mod persist;
 pub mod server;
 pub mod telemetry;
 

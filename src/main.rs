@@ -22,5 +22,19 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health(config) => match ghmd::health::check(&config).await {
+            Ok(tonic_health::ServingStatus::Serving) => {
+                println!("{} {:?}: SERVING", config.addr, config.service);
+                ExitCode::SUCCESS
+            }
+            Ok(status) => {
+                println!("{} {:?}: {status}", config.addr, config.service);
+                ExitCode::FAILURE
+            }
+            Err(error) => {
+                eprintln!("ghmd health: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -1,4 +1,5 @@
-//! Wiring: the listener, the Harmonizer, health and reflection services, and an orderly stop.
+//! Wiring: the listeners, the Harmonizer, health and reflection services, metrics, the state
+//! loaded at start and snapshotted while running, and an orderly stop.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,8 +16,11 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::api::HarmonizerService;
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::config::ServeConfig;
+use crate::http::Readiness;
 use crate::jobs::{Registry, RegistryLimits};
 use crate::limit::ConcurrencyLimitLayer;
+use crate::metrics::{Exposition, GrpcMetricsLayer, JobDensity, Metrics};
+use crate::persist::{PersistError, Snapshotter, Store};
 use crate::proto::harmonizer_server::HarmonizerServer;
 
 /// A client that opens a TCP connection and never finishes its TLS handshake is dropped after
@@ -30,6 +34,12 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    State(#[from] PersistError),
+    #[error("the state file {path} holds a job that cannot be restored: {reason}")]
+    Restore { path: String, reason: String },
+    #[error("metrics listener: {0}")]
+    Metrics(std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -51,12 +61,19 @@ pub enum ServeError {
 pub struct Server {
     config: ServeConfig,
     listener: TcpListener,
+    metrics_listener: TcpListener,
     registry: Registry,
     authenticator: Arc<Authenticator>,
     tls: Option<ServerTlsConfig>,
+    metrics: Metrics,
+    exposition: Exposition,
+    /// `None` with `--in-memory`.
+    snapshotter: Option<Snapshotter>,
 }
 
 impl Server {
+    /// Loads the state from the data dir (refusing a corrupt one) and binds both listeners.
+    /// Nothing is served yet, so nothing can report ready before the state is in.
     pub async fn bind(config: ServeConfig) -> Result<Self, ServeError> {
         // Credentials are read before the port is bound: a server that cannot have them must
         // not come up open.
@@ -65,6 +82,21 @@ impl Server {
             None => Authenticator::open(),
         });
         let tls = tls_config(&config)?;
+        let metrics = Metrics::new();
+        let registry = Registry::with_observer(
+            RegistryLimits {
+                offload_elements: config.offload_elements,
+                kept_steps: config.kept_steps,
+                max_pending_steps: config.max_pending_steps,
+            },
+            Arc::new(metrics.clone()),
+        );
+        let snapshotter = if config.in_memory {
+            tracing::info!("--in-memory: no data dir; every job is lost when ghmd stops");
+            None
+        } else {
+            Some(load_state(&config, &registry, &metrics).await?)
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -72,23 +104,39 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let registry = Registry::new(RegistryLimits {
-            offload_elements: config.offload_elements,
-            kept_steps: config.kept_steps,
-            max_pending_steps: config.max_pending_steps,
-        });
+        let metrics_listener =
+            TcpListener::bind(config.metrics_listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: config.metrics_listen,
+                    source,
+                })?;
+        let density = config
+            .job_metrics
+            .then(|| JobDensity::new(registry.clone(), config.job_metrics_max_series));
+        let exposition = metrics.exposition(density);
         Ok(Self {
             config,
             listener,
+            metrics_listener,
             registry,
             authenticator,
             tls,
+            metrics,
+            exposition,
+            snapshotter,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         // A bound TCP listener always has a local address.
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .unwrap_or(self.config.metrics_listen)
     }
 
     pub fn registry(&self) -> Registry {
@@ -106,11 +154,35 @@ impl Server {
         let Self {
             config,
             listener,
+            metrics_listener,
             registry,
             authenticator,
             tls,
+            metrics,
+            exposition,
+            snapshotter,
         } = self;
         let addr = listener.local_addr().unwrap_or(config.listen);
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .unwrap_or(config.metrics_listen);
+
+        let readiness = Readiness::default();
+        let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let http = tokio::spawn(crate::http::serve(
+            metrics_listener,
+            exposition,
+            readiness.clone(),
+            async {
+                let _ = http_stop_rx.await;
+            },
+        ));
+        tracing::info!(addr = %metrics_addr, "ghmd serving /metrics, /healthz and /readyz");
+
+        let (snapshot_stop_tx, snapshot_stop_rx) = watch::channel(false);
+        let snapshot_task = snapshotter.map(|snapshotter| {
+            tokio::spawn(snapshotter.run(config.snapshot_interval, snapshot_stop_rx))
+        });
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -153,8 +225,10 @@ impl Server {
         let reloader = AbortOnDrop(tokio::spawn(reload_on_sighup(Arc::clone(&authenticator))));
 
         let (stopping_tx, mut stopping_rx) = watch::channel(false);
+        let signal_readiness = readiness.clone();
         let signal = async move {
             shutdown.await;
+            signal_readiness.set(false);
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
             health_reporter
                 .set_not_serving::<HarmonizerServer<HarmonizerService>>()
@@ -173,7 +247,19 @@ impl Server {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).map_err(ServeError::Tls)?;
         }
+        // Outermost, so that what the layers below refuse is counted too.
+        let metrics_layer = GrpcMetricsLayer::new(
+            metrics,
+            &[
+                crate::proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+        );
+        readiness.set(true);
         let serve = builder
+            .layer(metrics_layer)
             .layer(ConcurrencyLimitLayer::new(
                 config.max_concurrent_requests as usize,
             ))
@@ -182,13 +268,37 @@ impl Server {
             .add_service(reflection_alpha)
             .add_service(harmonizer)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-        tokio::select! {
-            result = serve => result?,
+        let served = tokio::select! {
+            result = serve => result,
             () = grace_expired => {
                 tracing::warn!(?grace, "in-flight requests outlived the shutdown grace; exiting anyway");
+                Ok(())
+            }
+        };
+        readiness.set(false);
+
+        // The last snapshot comes after the last request, so that a planned restart loses
+        // nothing; it is written even if serving failed.
+        let mut snapshot_result = Ok(());
+        if let Some(task) = snapshot_task {
+            let _ = snapshot_stop_tx.send(true);
+            match task.await {
+                Ok(mut snapshotter) => match snapshotter.snapshot().await {
+                    Ok(wrote) => tracing::info!(wrote, "final snapshot done"),
+                    Err(error) => snapshot_result = Err(ServeError::State(error)),
+                },
+                Err(error) => tracing::error!(%error, "the snapshot task failed"),
             }
         }
         drop(reloader);
+        let _ = http_stop_tx.send(());
+        match http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "the metrics listener failed"),
+            Err(error) => tracing::error!(%error, "the metrics listener task failed"),
+        }
+        served?;
+        snapshot_result?;
         tracing::info!("ghmd stopped");
         Ok(())
     }
@@ -256,6 +366,49 @@ async fn reload_on_sighup(authenticator: Arc<Authenticator>) {
     {
         let _ = authenticator;
     }
+}
+
+/// Opens (and locks) the data dir and puts its jobs into `registry`. Runs on the blocking pool:
+/// reading and decoding a large state is file I/O and CPU.
+async fn load_state(
+    config: &ServeConfig,
+    registry: &Registry,
+    metrics: &Metrics,
+) -> Result<Snapshotter, ServeError> {
+    let dir = config.data_dir.clone();
+    let discard = config.discard_corrupt_state;
+    let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&dir, discard))
+        .await
+        .map_err(|error| {
+            ServeError::State(PersistError::Read {
+                path: config.data_dir.clone(),
+                source: std::io::Error::other(format!("loading task failed: {error}")),
+            })
+        })??;
+    if let Some((aside, reason)) = &loaded.set_aside {
+        tracing::warn!(
+            path = %aside.display(),
+            %reason,
+            "the state file failed its checks: moved aside, starting with no jobs"
+        );
+    }
+    let count = loaded.jobs.len();
+    for job in loaded.jobs {
+        let id = job.id.clone();
+        registry
+            .insert_snapshot(job)
+            .map_err(|error| ServeError::Restore {
+                path: store.state_path().display().to_string(),
+                reason: format!("job {id:?}: {error}"),
+            })?;
+    }
+    tracing::info!(jobs = count, path = %store.state_path().display(), "state loaded");
+    Ok(Snapshotter::new(
+        store,
+        registry.clone(),
+        metrics.clone(),
+        loaded.bytes,
+    ))
 }
 
 /// Binds and serves until `shutdown` completes.

@@ -1249,6 +1249,7 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
     let port = free_port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--in-memory", "--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -645,6 +645,7 @@ impl Daemon {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
             .arg("serve")
             .args(["--listen", &listen])
+            .args(["--in-memory", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "debug")
             .stdout(std::process::Stdio::null())

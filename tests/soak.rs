@@ -82,6 +82,7 @@ async fn start_daemon(streams: usize) -> (Daemon, String) {
     let log = std::env::temp_dir().join(format!("ghmd-soak-{}-{port}.log", std::process::id()));
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
         .args(["serve", "--listen", &listen])
+        .args(["--in-memory", "--metrics-listen", "127.0.0.1:0"])
         .args(["--max-concurrent-requests", &(streams * 2 + 64).to_string()])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())

@@ -99,6 +99,10 @@ pub fn bits(values: &[f32]) -> Vec<u32> {
 /// A real ghmd on an ephemeral loopback port, stopped when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The /metrics, /healthz and /readyz listener.
+    pub metrics_addr: SocketAddr,
+    /// The server's job registry, for tests that compare its snapshots.
+    pub registry: ghmd::jobs::Registry,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -111,9 +115,14 @@ impl TestServer {
     pub async fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> Self {
         let mut config = ServeConfig::from_env();
         config.listen = "127.0.0.1:0".parse().expect("loopback address");
+        config.metrics_listen = "127.0.0.1:0".parse().expect("loopback address");
+        // Tests that want a data dir set one (a temporary one); none writes ./ghmd-data.
+        config.in_memory = true;
         configure(&mut config);
         let server = ghmd::server::Server::bind(config).await.expect("bind");
         let addr = server.local_addr();
+        let metrics_addr = server.metrics_addr();
+        let registry = server.registry();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -125,6 +134,8 @@ impl TestServer {
         });
         Self {
             addr,
+            metrics_addr,
+            registry,
             stop: Some(stop),
             task: Some(task),
         }

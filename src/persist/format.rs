@@ -1,0 +1,453 @@
+//! The state file's bytes: a fixed header, then every job.
+//!
+//! ```text
+//! offset  size  field
+//!      0     8  magic "GHMDSNAP"
+//!      8     4  format version, u32 little-endian (this code writes and reads VERSION)
+//!     12     4  CRC-32 (IEEE) of the payload, u32 little-endian
+//!     16     8  payload length in bytes, u64 little-endian
+//!     24     …  payload: a u64 job count, then each job as `encode_job` writes it
+//! ```
+//!
+//! Every number is little-endian and every float is stored by its bits, so a job comes back
+//! bit for bit. The header is checked before anything is decoded: a file that is not ours,
+//! of another version, truncated or altered is refused with the reason, never half-loaded.
+
+use std::time::{Duration, SystemTime};
+
+use crate::ghm::{self, Loss};
+use crate::jobs::{JobSnapshot, JobSpec, WorldSizeChange};
+
+pub const MAGIC: &[u8; 8] = b"GHMDSNAP";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 24;
+
+/// Why a state file's bytes cannot be loaded.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FormatError {
+    #[error("not a ghmd state file (it does not start with {MAGIC:?})")]
+    Magic,
+    #[error("truncated: {len} bytes, shorter than the {HEADER_LEN}-byte header")]
+    ShortHeader { len: usize },
+    #[error("format version {found}; this ghmd reads version {VERSION}")]
+    Version { found: u32 },
+    #[error("truncated: the header promises {expected} payload bytes, the file holds {found}")]
+    Truncated { expected: u64, found: u64 },
+    #[error("{extra} bytes after the {expected}-byte payload the header promises")]
+    TrailingBytes { expected: u64, extra: u64 },
+    #[error(
+        "checksum mismatch: the header says {expected:#010x}, the payload hashes to {found:#010x}"
+    )]
+    Checksum { expected: u32, found: u32 },
+    #[error("job #{index}: {reason}")]
+    Job { index: u64, reason: String },
+    #[error("the payload ends inside job #{index}")]
+    PayloadEnds { index: u64 },
+    #[error("{extra} bytes after the last job")]
+    PayloadTrailing { extra: usize },
+}
+
+/// The whole file for `jobs`.
+pub fn encode(jobs: &[JobSnapshot]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + jobs.len() * 128);
+    put_u64(&mut payload, jobs.len() as u64);
+    for job in jobs {
+        encode_job(&mut payload, job);
+    }
+    let mut file = Vec::with_capacity(HEADER_LEN + payload.len());
+    file.extend_from_slice(MAGIC);
+    put_u32(&mut file, VERSION);
+    put_u32(&mut file, crc32fast::hash(&payload));
+    put_u64(&mut file, payload.len() as u64);
+    file.extend_from_slice(&payload);
+    file
+}
+
+/// Checks the header, the length and the checksum, then decodes every job.
+pub fn decode(bytes: &[u8]) -> Result<Vec<JobSnapshot>, FormatError> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        // A file cut inside the magic is still most likely ours, cut short.
+        return Err(if MAGIC.starts_with(bytes) {
+            FormatError::ShortHeader { len: bytes.len() }
+        } else {
+            FormatError::Magic
+        });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(FormatError::ShortHeader { len: bytes.len() });
+    }
+    let mut header = Reader::new(&bytes[MAGIC.len()..HEADER_LEN]);
+    let (Some(version), Some(checksum), Some(expected)) =
+        (header.u32(), header.u32(), header.u64())
+    else {
+        return Err(FormatError::ShortHeader { len: bytes.len() });
+    };
+    if version != VERSION {
+        return Err(FormatError::Version { found: version });
+    }
+    let payload = &bytes[HEADER_LEN..];
+    let found = payload.len() as u64;
+    if found < expected {
+        return Err(FormatError::Truncated { expected, found });
+    }
+    if found > expected {
+        return Err(FormatError::TrailingBytes {
+            expected,
+            extra: found - expected,
+        });
+    }
+    let hashed = crc32fast::hash(payload);
+    if hashed != checksum {
+        return Err(FormatError::Checksum {
+            expected: checksum,
+            found: hashed,
+        });
+    }
+
+    let mut reader = Reader::new(payload);
+    let count = reader.u64().ok_or(FormatError::PayloadEnds { index: 0 })?;
+    // Every job takes well over 8 bytes, so the count cannot honestly exceed this; checked
+    // before reserving memory for it.
+    let capacity = usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .min(payload.len() / 8);
+    let mut jobs = Vec::with_capacity(capacity);
+    for index in 0..count {
+        jobs.push(decode_job(&mut reader, index)?);
+    }
+    if reader.remaining() > 0 {
+        return Err(FormatError::PayloadTrailing {
+            extra: reader.remaining(),
+        });
+    }
+    Ok(jobs)
+}
+
+// One job. `encode_job` destructures the snapshot and the spec without `..` and `decode_job`
+// builds them field by field, so a field added to either fails to compile here until the
+// file format carries it (and VERSION says so).
+
+fn encode_job(out: &mut Vec<u8>, job: &JobSnapshot) {
+    let JobSnapshot {
+        id,
+        spec,
+        acc_sum,
+        steps,
+        elements,
+        next_step,
+        world_size_schedule,
+        create_time,
+        update_time,
+    } = job;
+    let JobSpec {
+        ghm,
+        world_size,
+        step_timeout,
+        allow_partial_steps,
+    } = spec;
+    put_bytes(out, id.as_bytes());
+    out.push(match ghm.loss() {
+        Loss::GhmC => 0,
+        Loss::GhmR => 1,
+    });
+    put_u32(out, ghm.bins() as u32);
+    put_u64(out, ghm.momentum().to_bits());
+    put_u64(out, ghm.mu().to_bits());
+    put_u32(out, *world_size);
+    put_duration(out, *step_timeout);
+    out.push(u8::from(*allow_partial_steps));
+    put_u32(out, acc_sum.len() as u32);
+    for value in acc_sum {
+        put_u32(out, value.to_bits());
+    }
+    put_u64(out, *steps);
+    put_u64(out, *elements);
+    put_u64(out, *next_step);
+    put_u32(out, world_size_schedule.len() as u32);
+    for WorldSizeChange {
+        from_step,
+        world_size,
+    } in world_size_schedule
+    {
+        put_u64(out, *from_step);
+        put_u32(out, *world_size);
+    }
+    put_time(out, *create_time);
+    put_time(out, *update_time);
+}
+
+fn decode_job(reader: &mut Reader<'_>, index: u64) -> Result<JobSnapshot, FormatError> {
+    let ends = || FormatError::PayloadEnds { index };
+    let bad = |reason: String| FormatError::Job { index, reason };
+
+    let id = String::from_utf8(reader.bytes().ok_or_else(ends)?.to_vec())
+        .map_err(|_| bad("the job id is not UTF-8".into()))?;
+    let bad = |reason: String| FormatError::Job {
+        index,
+        reason: format!("job {id:?}: {reason}"),
+    };
+    let loss = match reader.u8().ok_or_else(ends)? {
+        0 => Loss::GhmC,
+        1 => Loss::GhmR,
+        other => return Err(bad(format!("unknown loss code {other}"))),
+    };
+    let bins = reader.u32().ok_or_else(ends)?;
+    let momentum = f64::from_bits(reader.u64().ok_or_else(ends)?);
+    let mu = f64::from_bits(reader.u64().ok_or_else(ends)?);
+    let ghm = ghm::Spec::new(loss, bins, momentum, mu).map_err(|e| bad(e.to_string()))?;
+    let world_size = reader.u32().ok_or_else(ends)?;
+    let step_timeout = reader.duration().ok_or_else(ends)?;
+    let allow_partial_steps = match reader.u8().ok_or_else(ends)? {
+        0 => false,
+        1 => true,
+        other => return Err(bad(format!("allow_partial_steps byte {other}"))),
+    };
+    let acc_len = reader.u32().ok_or_else(ends)? as usize;
+    if acc_len > reader.remaining() / 4 {
+        return Err(ends());
+    }
+    let mut acc_sum = Vec::with_capacity(acc_len);
+    for _ in 0..acc_len {
+        acc_sum.push(f32::from_bits(reader.u32().ok_or_else(ends)?));
+    }
+    let steps = reader.u64().ok_or_else(ends)?;
+    let elements = reader.u64().ok_or_else(ends)?;
+    let next_step = reader.u64().ok_or_else(ends)?;
+    let changes = reader.u32().ok_or_else(ends)? as usize;
+    if changes > reader.remaining() / 12 {
+        return Err(ends());
+    }
+    let mut world_size_schedule = Vec::with_capacity(changes);
+    for _ in 0..changes {
+        world_size_schedule.push(WorldSizeChange {
+            from_step: reader.u64().ok_or_else(ends)?,
+            world_size: reader.u32().ok_or_else(ends)?,
+        });
+    }
+    let create_time = reader.time().ok_or_else(ends)?;
+    let update_time = reader.time().ok_or_else(ends)?;
+    Ok(JobSnapshot {
+        id,
+        spec: JobSpec {
+            ghm,
+            world_size,
+            step_timeout,
+            allow_partial_steps,
+        },
+        acc_sum,
+        steps,
+        elements,
+        next_step,
+        world_size_schedule,
+        create_time,
+        update_time,
+    })
+}
+
+fn put_u32(out: &mut Vec<u8>, value: u32) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_u32(out, bytes.len() as u32);
+    out.extend_from_slice(bytes);
+}
+
+fn put_duration(out: &mut Vec<u8>, duration: Duration) {
+    put_u64(out, duration.as_secs());
+    put_u32(out, duration.subsec_nanos());
+}
+
+/// Signed seconds and nanoseconds from the Unix epoch, so that any `SystemTime` comes back as
+/// it was.
+fn put_time(out: &mut Vec<u8>, time: SystemTime) {
+    let (negative, offset) = match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => (false, after),
+        Err(before) => (true, before.duration()),
+    };
+    out.push(u8::from(negative));
+    put_duration(out, offset);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes }
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.bytes.len() < n {
+            return None;
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_le_bytes)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    fn duration(&mut self) -> Option<Duration> {
+        let secs = self.u64()?;
+        let nanos = self.u32()?;
+        (nanos < 1_000_000_000).then(|| Duration::new(secs, nanos))
+    }
+
+    fn time(&mut self) -> Option<SystemTime> {
+        let negative = self.u8()?;
+        let offset = self.duration()?;
+        match negative {
+            0 => SystemTime::UNIX_EPOCH.checked_add(offset),
+            1 => SystemTime::UNIX_EPOCH.checked_sub(offset),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, loss: Loss, bins: u32, momentum: f64, seed: u32) -> JobSnapshot {
+        let ghm = ghm::Spec::new(loss, bins, momentum, 0.0).expect("valid spec");
+        JobSnapshot {
+            id: id.to_owned(),
+            spec: JobSpec {
+                ghm,
+                world_size: seed % 5,
+                step_timeout: Duration::new(u64::from(seed), seed * 7 % 1_000_000_000),
+                allow_partial_steps: seed % 2 == 1,
+            },
+            acc_sum: (0..bins)
+                .map(|i| f32::from_bits(0x3f00_0000 ^ (i.wrapping_mul(2_654_435_761) ^ seed) >> 9))
+                .collect(),
+            steps: u64::from(seed) * 3,
+            elements: u64::MAX - u64::from(seed),
+            next_step: u64::from(seed) + 1,
+            world_size_schedule: (0..seed)
+                .map(|i| WorldSizeChange {
+                    from_step: u64::from(i) * 10,
+                    world_size: i + 2,
+                })
+                .collect(),
+            create_time: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, seed),
+            update_time: SystemTime::UNIX_EPOCH
+                .checked_sub(Duration::new(5, 999_999_999))
+                .expect("representable"),
+        }
+    }
+
+    fn sample() -> Vec<JobSnapshot> {
+        vec![
+            job("team-a/run.1", Loss::GhmC, 10, 0.75, 1),
+            job("b", Loss::GhmR, 30, 0.0, 2),
+            job("c_3", Loss::GhmR, 1, 0.9, 3),
+        ]
+    }
+
+    fn bits(jobs: &[JobSnapshot]) -> Vec<Vec<u32>> {
+        jobs.iter()
+            .map(|job| job.acc_sum.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn jobs_come_back_bit_for_bit() {
+        let jobs = sample();
+        let decoded = decode(&encode(&jobs)).expect("decodes");
+        assert_eq!(decoded, jobs);
+        assert_eq!(bits(&decoded), bits(&jobs));
+        assert_eq!(decode(&encode(&[])).expect("decodes"), Vec::new());
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = encode(&sample());
+        for len in 0..bytes.len() {
+            let error = decode(&bytes[..len]).expect_err("a truncated file is refused");
+            assert!(
+                matches!(
+                    error,
+                    FormatError::ShortHeader { .. } | FormatError::Truncated { .. }
+                ),
+                "{len}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_in_the_payload_is_caught_by_the_checksum() {
+        let bytes = encode(&sample());
+        for offset in HEADER_LEN..bytes.len() {
+            for bit in 0..8 {
+                let mut corrupt = bytes.clone();
+                corrupt[offset] ^= 1 << bit;
+                assert!(
+                    matches!(decode(&corrupt), Err(FormatError::Checksum { .. })),
+                    "byte {offset} bit {bit}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn header_faults_are_named() {
+        let bytes = encode(&sample());
+        let mut other_version = bytes.clone();
+        other_version[8] = 9;
+        assert_eq!(
+            decode(&other_version),
+            Err(FormatError::Version { found: 9 })
+        );
+        let mut not_ours = bytes.clone();
+        not_ours[0] = b'{';
+        assert_eq!(decode(&not_ours), Err(FormatError::Magic));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode(&longer),
+            Err(FormatError::TrailingBytes { extra: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_payload_with_a_valid_checksum_but_a_bad_spec_is_refused() {
+        // What a bug or a hand edit could write: the checksum is right, the content is not.
+        let mut jobs = sample();
+        jobs.truncate(1);
+        let mut bytes = encode(&jobs);
+        // The loss byte follows the count (8), the id length (4) and the id.
+        let loss_at = HEADER_LEN + 8 + 4 + jobs[0].id.len();
+        bytes[loss_at] = 7;
+        let crc = crc32fast::hash(&bytes[HEADER_LEN..]);
+        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        let error = decode(&bytes).expect_err("refused");
+        assert!(error.to_string().contains("unknown loss code 7"), "{error}");
+        assert!(error.to_string().contains("team-a/run.1"), "{error}");
+    }
+}

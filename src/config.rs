@@ -92,6 +92,23 @@ pub struct ServeConfig {
     #[arg(long, env = "GHMD_MAX_PENDING_STEPS", default_value_t = 64)]
     pub max_pending_steps: usize,
 
+    /// Jobs the server holds at most; CreateJob beyond is RESOURCE_EXHAUSTED. Jobs loaded from
+    /// the data dir are all kept even if there are more.
+    #[arg(long, env = "GHMD_MAX_JOBS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_jobs: u64,
+
+    /// Jobs idle longer than this (no step, update or restore) are deleted by a background task.
+    #[arg(long, env = "GHMD_JOB_TTL", value_parser = parse_positive_duration, default_value = "7d")]
+    pub job_ttl: Duration,
+
+    /// Gradient norms or residuals one request may carry; more is RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "GHMD_MAX_ELEMENTS_PER_REQUEST",
+        default_value_t = 16_000_000
+    )]
+    pub max_elements_per_request: usize,
+
     /// After SIGINT/SIGTERM, how long in-flight requests may take before the server exits anyway.
     #[arg(long, env = "GHMD_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,

@@ -88,6 +88,8 @@ impl Server {
                 offload_elements: config.offload_elements,
                 kept_steps: config.kept_steps,
                 max_pending_steps: config.max_pending_steps,
+                max_jobs: usize::try_from(config.max_jobs).unwrap_or(usize::MAX),
+                max_elements_per_request: config.max_elements_per_request,
             },
             Arc::new(metrics.clone()),
         );
@@ -196,6 +198,7 @@ impl Server {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
+        let registry_for_reaper = registry.clone();
         let harmonizer = HarmonizerServer::new(
             HarmonizerService::new(registry, config.max_step_timeout)
                 .with_max_response_bytes(config.max_send_message_bytes),
@@ -223,6 +226,10 @@ impl Server {
             tracing::warn!("no --tls-cert: requests and tokens travel in plaintext");
         }
         let reloader = AbortOnDrop(tokio::spawn(reload_on_sighup(Arc::clone(&authenticator))));
+        let reaper = AbortOnDrop(tokio::spawn(reap_idle_jobs(
+            registry_for_reaper,
+            config.job_ttl,
+        )));
 
         let (stopping_tx, mut stopping_rx) = watch::channel(false);
         let signal_readiness = readiness.clone();
@@ -291,6 +298,7 @@ impl Server {
             }
         }
         drop(reloader);
+        drop(reaper);
         let _ = http_stop_tx.send(());
         match http.await {
             Ok(Ok(())) => {}
@@ -368,6 +376,30 @@ async fn reload_on_sighup(authenticator: Arc<Authenticator>) {
     }
 }
 
+/// Deletes jobs idle longer than `ttl`, looking a few times per TTL (at most once a minute, at
+/// least every 10 ms), so that a job outlives its TTL by a quarter of it at most.
+async fn reap_idle_jobs(registry: Registry, ttl: Duration) {
+    let period = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let registry = registry.clone();
+        let reaped = tokio::task::spawn_blocking(move || {
+            registry.reap_idle(ttl, std::time::SystemTime::now())
+        })
+        .await;
+        match reaped {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::info!(job_id = %id, ?ttl, "job deleted: idle longer than --job-ttl");
+                }
+            }
+            Err(error) => tracing::error!(%error, "the job reaper failed"),
+        }
+    }
+}
+
 /// Opens (and locks) the data dir and puts its jobs into `registry`. Runs on the blocking pool:
 /// reading and decoding a large state is file I/O and CPU.
 async fn load_state(
@@ -403,6 +435,14 @@ async fn load_state(
             })?;
     }
     tracing::info!(jobs = count, path = %store.state_path().display(), "state loaded");
+    if count as u64 > config.max_jobs {
+        tracing::warn!(
+            jobs = count,
+            max_jobs = config.max_jobs,
+            "more jobs were loaded than --max-jobs allows: all are kept, CreateJob is refused \
+             until some are deleted"
+        );
+    }
     Ok(Snapshotter::new(
         store,
         registry.clone(),

@@ -234,6 +234,20 @@ impl Job {
         }
     }
 
+    /// How long the job has gone without a step, an update or a restore at `now`; `None`
+    /// while a step-synchronous step waits for ranks, since such a job is in use.
+    pub(super) fn idle_for(&self, now: SystemTime) -> Option<Duration> {
+        let state = self.state.lock();
+        if state.sync.as_ref().is_some_and(|sync| sync.has_pending()) {
+            return None;
+        }
+        // A clock that went back makes the job look fresh, never stale.
+        Some(
+            now.duration_since(state.update_time)
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+
     pub fn is_step_synchronous(&self) -> bool {
         self.state.lock().sync.is_some()
     }

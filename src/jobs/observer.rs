@@ -28,6 +28,9 @@ pub trait StepObserver: Send + Sync + 'static {
 
     /// The number of jobs of a loss changed by `delta` (created, deleted, restored, reaped).
     fn jobs_changed(&self, _loss: Loss, _delta: i64) {}
+
+    /// `count` jobs were deleted for being idle longer than the job TTL.
+    fn jobs_reaped(&self, _count: u64) {}
 }
 
 /// The observer of a registry nobody watches.

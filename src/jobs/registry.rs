@@ -1,12 +1,14 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::job::{Job, JobContext};
 use super::{
-    JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver, StepOutcome,
-    validate_job_id,
+    BatchInput, JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver,
+    StepOutcome, validate_job_id,
 };
 
 /// Knobs of the registry that come from the server's configuration.
@@ -20,6 +22,12 @@ pub struct RegistryLimits {
     /// Steps a step-synchronous job may have waiting at once; bounds what a runaway rank can
     /// make the server hold.
     pub max_pending_steps: usize,
+    /// Jobs the server holds at most; CreateJob beyond is RESOURCE_EXHAUSTED. Jobs restored
+    /// from the data dir are never dropped for it.
+    pub max_jobs: usize,
+    /// Elements (gradient norms or residuals) one request may carry, whatever its size in
+    /// bytes: bounds the CPU one request can take.
+    pub max_elements_per_request: usize,
 }
 
 impl Default for RegistryLimits {
@@ -28,6 +36,8 @@ impl Default for RegistryLimits {
             offload_elements: 1 << 16,
             kept_steps: 8,
             max_pending_steps: 64,
+            max_jobs: 100_000,
+            max_elements_per_request: 16_000_000,
         }
     }
 }
@@ -36,6 +46,11 @@ impl Default for RegistryLimits {
 #[derive(Clone)]
 pub struct Registry {
     jobs: Arc<DashMap<String, Arc<Job>>>,
+    /// The number of jobs in `jobs`, kept beside it because `DashMap::len` would lock every
+    /// shard, the one CreateJob holds included.
+    count: Arc<AtomicUsize>,
+    max_jobs: usize,
+    max_elements_per_request: usize,
     context: Arc<JobContext>,
 }
 
@@ -55,6 +70,9 @@ impl Registry {
     pub fn with_observer(limits: RegistryLimits, observer: Arc<dyn StepObserver>) -> Self {
         Self {
             jobs: Arc::new(DashMap::new()),
+            count: Arc::new(AtomicUsize::new(0)),
+            max_jobs: limits.max_jobs,
+            max_elements_per_request: limits.max_elements_per_request,
             context: Arc::new(JobContext {
                 observer,
                 kept_steps: limits.kept_steps,
@@ -65,11 +83,28 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.count.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.len() == 0
+    }
+
+    /// Takes one of the `max_jobs` places, or says which limit is reached.
+    fn reserve_place(&self, id: &str) -> Result<(), JobError> {
+        self.count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| {
+                (count < self.max_jobs).then_some(count + 1)
+            })
+            .map(|_| ())
+            .map_err(|count| JobError::ResourceExhausted {
+                id: id.to_owned(),
+                reason: format!(
+                    "the server holds {count} jobs, the limit (--max-jobs {}); delete jobs \
+                     that are done, or ask the operator to raise it",
+                    self.max_jobs
+                ),
+            })
     }
 
     /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
@@ -87,6 +122,7 @@ impl Registry {
                 return Ok((job.snapshot(), false));
             }
             Entry::Vacant(slot) => {
+                self.reserve_place(id)?;
                 let job = Arc::new(Job::new(id.to_owned(), spec, Arc::clone(&self.context)));
                 slot.insert(Arc::clone(&job));
                 job
@@ -108,7 +144,10 @@ impl Registry {
                 self.context.observer.jobs_changed(replaced.loss(), -1);
                 self.context.observer.jobs_changed(loss, 1);
             }
-            None => self.context.observer.jobs_changed(loss, 1),
+            None => {
+                self.count.fetch_add(1, Ordering::SeqCst);
+                self.context.observer.jobs_changed(loss, 1);
+            }
         }
         Ok(())
     }
@@ -135,9 +174,40 @@ impl Registry {
             .jobs
             .remove(id)
             .ok_or_else(|| JobError::NotFound { id: id.to_owned() })?;
-        job.close();
-        self.context.observer.jobs_changed(job.loss(), -1);
+        self.removed(&job);
         Ok(())
+    }
+
+    fn removed(&self, job: &Job) {
+        job.close();
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.context.observer.jobs_changed(job.loss(), -1);
+    }
+
+    /// Deletes every job idle for longer than `ttl` at `now` (no step, update or restore; a
+    /// step waiting for ranks is activity) and returns their ids. A job that becomes active
+    /// while the reaper looks is kept: the check and the removal happen under its map shard.
+    pub fn reap_idle(&self, ttl: Duration, now: SystemTime) -> Vec<String> {
+        let candidates: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|entry| entry.value().idle_for(now).is_some_and(|idle| idle > ttl))
+            .map(|entry| entry.key().clone())
+            .collect();
+        let mut reaped = Vec::new();
+        for id in candidates {
+            let removed = self.jobs.remove_if(&id, |_, job| {
+                job.idle_for(now).is_some_and(|idle| idle > ttl)
+            });
+            if let Some((id, job)) = removed {
+                self.removed(&job);
+                reaped.push(id);
+            }
+        }
+        if !reaped.is_empty() {
+            self.context.observer.jobs_reaped(reaped.len() as u64);
+        }
+        reaped
     }
 
     /// Jobs in id order, starting after `after`, at most `page_size` of them, of those for
@@ -173,6 +243,21 @@ impl Registry {
     /// Weighs one request: at once for an asynchronous job, once its step is complete for a
     /// step-synchronous one.
     pub async fn harmonize(&self, id: &str, input: StepInput) -> Result<StepOutcome, JobError> {
+        let elements = input.batch.element_count();
+        if elements > self.max_elements_per_request {
+            let field = match input.batch {
+                BatchInput::Residuals(_) => "residuals",
+                _ => "gradient_norms",
+            };
+            return Err(JobError::ResourceExhausted {
+                id: id.to_owned(),
+                reason: format!(
+                    "{field} has {elements} elements, above the limit of {} per request \
+                     (--max-elements-per-request); split the batch",
+                    self.max_elements_per_request
+                ),
+            });
+        }
         self.get(id)?.harmonize(input).await
     }
 

@@ -68,6 +68,11 @@ pub(super) struct SyncState {
 }
 
 impl SyncState {
+    /// Whether any step is waiting for ranks: such a job is in use, however old its last step.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub fn new(world_size: u32, next_step: u64, schedule: Vec<WorldSizeChange>) -> Self {
         let schedule = if schedule.is_empty() {
             vec![WorldSizeChange {
@@ -221,9 +226,10 @@ impl Job {
                 return Err(JobError::ResourceExhausted {
                     id: self.id().to_owned(),
                     reason: format!(
-                        "{} steps are already pending, the limit (--max-pending-steps); step \
-                         {next} must complete first",
+                        "{} steps are already pending, the limit (--max-pending-steps {}); \
+                         step {next} must complete first",
                         sync.pending.len(),
+                        self.context.max_pending_steps,
                         next = sync.next_step
                     ),
                 });

@@ -97,6 +97,7 @@ pub struct Metrics {
     steps: Family<LossLabels, Counter>,
     partial_steps: Family<LossLabels, Counter>,
     step_timeouts: Counter,
+    jobs_reaped: Counter,
     last_rank_wait: Histogram,
     snapshot_duration: Histogram,
     snapshot_failures: Counter,
@@ -120,6 +121,7 @@ impl Metrics {
             steps: Family::default(),
             partial_steps: Family::default(),
             step_timeouts: Counter::default(),
+            jobs_reaped: Counter::default(),
             last_rank_wait: Histogram::new(WAIT_BUCKETS.iter().copied()),
             snapshot_duration: Histogram::new(SNAPSHOT_BUCKETS.iter().copied()),
             snapshot_failures: Counter::default(),
@@ -163,6 +165,11 @@ impl Metrics {
             self.elements_weighed.clone(),
         );
         registry.register("jobs", "Jobs in the registry, by loss", self.jobs.clone());
+        registry.register(
+            "jobs_reaped",
+            "Jobs deleted for being idle longer than --job-ttl",
+            self.jobs_reaped.clone(),
+        );
         registry.register(
             "steps_applied",
             "Steps applied to a job's density, by loss",
@@ -269,6 +276,10 @@ impl StepObserver for Metrics {
 
     fn jobs_changed(&self, loss: Loss, delta: i64) {
         self.jobs.get_or_create(&loss_labels(loss)).inc_by(delta);
+    }
+
+    fn jobs_reaped(&self, count: u64) {
+        self.jobs_reaped.inc_by(count);
     }
 }
 

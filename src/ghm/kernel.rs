@@ -1,3 +1,7 @@
+use super::slots::{
+    ByteLanes, CHUNK, Checks, CompareTally, Slot, Tally, WideLanes, bin_chunk, byte_lookup, f32_at,
+    label_weight_ok, vectorised, weigh_slots,
+};
 use super::{BinEdges, BinTable, InputError, InputField, Loss};
 
 /// One batch's contribution to a step: what the EMA needs, nothing per element.
@@ -37,9 +41,6 @@ impl BatchCounts {
 /// Elements per validation block: small enough that finding the first bad index again is cheap,
 /// large enough that the check after each block costs nothing.
 const BLOCK: usize = 4096;
-/// Independent partial histograms, so that runs of equal bins (the flood of easy examples) do
-/// not serialise on one counter's store-to-load latency.
-const LANES: usize = 4;
 
 fn as_float32s(bytes: &[u8], field: InputField) -> Result<&[[u8; 4]], InputError> {
     let (floats, rest) = bytes.as_chunks::<4>();
@@ -81,17 +82,6 @@ pub fn float32_views<'a>(
     Ok((norms, label_weights))
 }
 
-#[inline(always)]
-fn f32_at(bytes: &[u8; 4]) -> f32 {
-    f32::from_le_bytes(*bytes)
-}
-
-/// Label weights are multipliers of a loss: negative, NaN or infinite ones are client bugs.
-#[inline(always)]
-fn label_weight_ok(w: f32) -> bool {
-    (0.0..f32::INFINITY).contains(&w)
-}
-
 const LABEL_WEIGHT_EXPECTED: &str = "finite and >= 0";
 
 fn norm_expected(loss: Loss) -> &'static str {
@@ -113,37 +103,162 @@ pub fn count_batch(
     norms_field: InputField,
     label_weights: Option<&[[u8; 4]]>,
 ) -> Result<BatchCounts, InputError> {
-    let bins = edges.bins();
-    // One extra slot per lane takes the invalid elements, so that no element branches on its
-    // label weight.
-    let stride = bins + 1;
-    let mut lanes = vec![0u64; LANES * stride];
-    let mut label_weight_sum = 0.0f64;
+    let batch = Batch {
+        loss,
+        edges,
+        norms,
+        norms_field,
+        label_weights,
+    };
+    vectorised(
+        #[inline(always)]
+        || {
+            let slots = edges.bins() + 1;
+            if slots <= CompareTally::MAX_SLOTS {
+                batch.pass_one::<u8, _>(CompareTally::new(slots), None)
+            } else if slots <= u8::CAPACITY {
+                batch.pass_one::<u8, _>(ByteLanes::new(), None)
+            } else {
+                batch.pass_one::<u16, _>(WideLanes::new(slots), None)
+            }
+        },
+    )
+}
 
-    for (block_index, block) in norms.chunks(BLOCK).enumerate() {
-        let start = block_index * BLOCK;
-        let mut norms_ok = true;
-        match label_weights {
-            None => {
-                for (k, g) in block.iter().enumerate() {
-                    let g = f32_at(g);
-                    norms_ok &= edges.accepts(g);
-                    lanes[(k % LANES) * stride + edges.bin_of(g)] += 1;
+/// Pass one that also keeps every element's bin, so that pass two
+/// ([`BinnedBatch::write_weights`]) reads one byte per element instead of the eight of the
+/// norms and label weights, and the request's buffers can be let go of before it.
+pub fn bin_batch(
+    loss: Loss,
+    edges: &BinEdges,
+    norms: &[[u8; 4]],
+    norms_field: InputField,
+    label_weights: Option<&[[u8; 4]]>,
+) -> Result<BinnedBatch, InputError> {
+    let batch = Batch {
+        loss,
+        edges,
+        norms,
+        norms_field,
+        label_weights,
+    };
+    vectorised(
+        #[inline(always)]
+        || {
+            let slot_count = edges.bins() + 1;
+            if slot_count > u8::CAPACITY {
+                let mut slots = Vec::with_capacity(norms.len());
+                let counts = batch.pass_one(WideLanes::new(slot_count), Some(&mut slots))?;
+                return Ok(BinnedBatch {
+                    counts,
+                    slots: Slots::Wide(slots),
+                });
+            }
+            let mut slots = Vec::with_capacity(norms.len());
+            let counts = if slot_count <= CompareTally::MAX_SLOTS {
+                batch.pass_one(CompareTally::new(slot_count), Some(&mut slots))?
+            } else {
+                batch.pass_one(ByteLanes::new(), Some(&mut slots))?
+            };
+            Ok(BinnedBatch {
+                counts,
+                slots: Slots::Byte(slots),
+            })
+        },
+    )
+}
+
+/// A validated batch after pass one: its counts, and each element's slot (its bin, or M when
+/// its label weight is not > 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BinnedBatch {
+    counts: BatchCounts,
+    slots: Slots,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Slots {
+    /// M < 256.
+    Byte(Vec<u8>),
+    Wide(Vec<u16>),
+}
+
+impl BinnedBatch {
+    pub fn counts(&self) -> &BatchCounts {
+        &self.counts
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.slots {
+            Slots::Byte(slots) => slots.len(),
+            Slots::Wide(slots) => slots.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pass two: every element gets its bin's weight, or 0 when its label weight is not > 0;
+    /// the same bytes as [`write_weights`] on the batch this was binned from.
+    pub fn write_weights(&self, table: &BinTable) -> Vec<u8> {
+        let lookup = table.lookup_with_invalid_slot();
+        let mut out = Vec::with_capacity(self.len());
+        vectorised(
+            #[inline(always)]
+            || match &self.slots {
+                Slots::Byte(slots) => weigh_slots(&byte_lookup(lookup), slots, &mut out),
+                Slots::Wide(slots) => weigh_slots(lookup, slots, &mut out),
+            },
+        );
+        out.into_flattened()
+    }
+}
+
+/// A request's arrays and what they are checked against.
+struct Batch<'a> {
+    loss: Loss,
+    edges: &'a BinEdges,
+    norms: &'a [[u8; 4]],
+    norms_field: InputField,
+    label_weights: Option<&'a [[u8; 4]]>,
+}
+
+impl Batch<'_> {
+    /// Validates, bins and counts, block by block; keeps the slots in `keep` if given.
+    #[inline(always)]
+    fn pass_one<S: Slot, T: Tally<S>>(
+        &self,
+        mut tally: T,
+        mut keep: Option<&mut Vec<S>>,
+    ) -> Result<BatchCounts, InputError> {
+        let Self {
+            loss,
+            edges,
+            norms,
+            norms_field,
+            label_weights,
+        } = *self;
+        let mut scratch = [S::default(); CHUNK];
+        let mut label_weight_sum = 0.0f64;
+        for (block_index, block) in norms.chunks(BLOCK).enumerate() {
+            let start = block_index * BLOCK;
+            let block_weights = label_weights.map(|weights| &weights[start..start + block.len()]);
+            let mut checks = Checks::default();
+            for (chunk_index, chunk) in block.chunks(CHUNK).enumerate() {
+                let offset = chunk_index * CHUNK;
+                let chunk_weights =
+                    block_weights.map(|weights| &weights[offset..offset + chunk.len()]);
+                let slots = &mut scratch[..chunk.len()];
+                checks.merge(bin_chunk::<S, true>(edges, chunk, chunk_weights, slots));
+                tally.add(slots);
+                if let Some(keep) = keep.as_deref_mut() {
+                    keep.extend_from_slice(slots);
                 }
             }
-            Some(weights) => {
-                let weights = &weights[start..start + block.len()];
-                let mut weights_ok = true;
-                let mut block_sum = 0.0f64;
-                for (k, (g, w)) in block.iter().zip(weights).enumerate() {
-                    let (g, w) = (f32_at(g), f32_at(w));
-                    norms_ok &= edges.accepts(g);
-                    weights_ok &= label_weight_ok(w);
-                    block_sum += f64::from(w);
-                    let slot = if w > 0.0 { edges.bin_of(g) } else { bins };
-                    lanes[(k % LANES) * stride + slot] += 1;
-                }
-                if !weights_ok {
+            tally.flush();
+            if let Some(weights) = block_weights {
+                if checks.weights_bad {
                     let (offset, w) = first_bad(weights, label_weight_ok);
                     return Err(InputError::BadValue {
                         field: InputField::LabelWeights,
@@ -152,32 +267,32 @@ pub fn count_batch(
                         expected: LABEL_WEIGHT_EXPECTED,
                     });
                 }
-                label_weight_sum += block_sum;
+                if loss == Loss::GhmR {
+                    // In element order, one f64 per block, whatever the loops above do: the tot
+                    // must not depend on how they are arranged.
+                    label_weight_sum += weights
+                        .iter()
+                        .fold(0.0f64, |sum, w| sum + f64::from(f32_at(w)));
+                }
+            }
+            if checks.norms_bad {
+                let (offset, g) = first_bad(block, |g| edges.accepts(g));
+                return Err(InputError::BadValue {
+                    field: norms_field,
+                    index: start + offset,
+                    value: g,
+                    expected: norm_expected(loss),
+                });
             }
         }
-        if !norms_ok {
-            let (offset, g) = first_bad(block, |g| edges.accepts(g));
-            return Err(InputError::BadValue {
-                field: norms_field,
-                index: start + offset,
-                value: g,
-                expected: norm_expected(loss),
-            });
-        }
+        let counts = tally.counts(edges.bins());
+        let tot = match (loss, label_weights) {
+            (Loss::GhmC, _) => counts.iter().sum::<u64>() as f64,
+            (Loss::GhmR, None) => norms.len() as f64,
+            (Loss::GhmR, Some(_)) => label_weight_sum,
+        };
+        Ok(BatchCounts { counts, tot })
     }
-
-    let mut counts = vec![0u64; bins];
-    for lane in lanes.chunks_exact(stride) {
-        for (total, &count) in counts.iter_mut().zip(lane) {
-            *total += count;
-        }
-    }
-    let tot = match (loss, label_weights) {
-        (Loss::GhmC, _) => counts.iter().sum::<u64>() as f64,
-        (Loss::GhmR, None) => norms.len() as f64,
-        (Loss::GhmR, Some(_)) => label_weight_sum,
-    };
-    Ok(BatchCounts { counts, tot })
 }
 
 fn first_bad(values: &[[u8; 4]], ok: impl Fn(f32) -> bool) -> (usize, f32) {
@@ -240,7 +355,8 @@ pub fn validate_histogram(
 }
 
 /// Pass two: every element gets its bin's weight, or 0 when its label weight is not > 0.
-/// Returns the little-endian float32 bytes of the weights, ready to be sent.
+/// Returns the little-endian float32 bytes of the weights, ready to be sent. Bins again what
+/// [`count_batch`] binned; [`bin_batch`] keeps the bins instead.
 pub fn write_weights(
     edges: &BinEdges,
     table: &BinTable,
@@ -248,25 +364,223 @@ pub fn write_weights(
     label_weights: Option<&[[u8; 4]]>,
 ) -> Vec<u8> {
     let lookup = table.lookup_with_invalid_slot();
-    let invalid = edges.bins();
-    let mut out = vec![0u8; norms.len() * 4];
-    let (slots, _) = out.as_chunks_mut::<4>();
-    match label_weights {
-        None => {
-            for (slot, g) in slots.iter_mut().zip(norms) {
-                *slot = lookup[edges.bin_of(f32_at(g))].to_le_bytes();
+    vectorised(
+        #[inline(always)]
+        || {
+            if edges.bins() < u8::CAPACITY {
+                rebin_and_weigh::<u8>(edges, &byte_lookup(lookup), norms, label_weights)
+            } else {
+                rebin_and_weigh::<u16>(edges, lookup, norms, label_weights)
+            }
+        },
+    )
+}
+
+#[inline(always)]
+fn rebin_and_weigh<S: Slot>(
+    edges: &BinEdges,
+    lookup: &[f32],
+    norms: &[[u8; 4]],
+    label_weights: Option<&[[u8; 4]]>,
+) -> Vec<u8> {
+    // Not zeroed: every weight is written once, below, and zeroing 64 MB costs about as much as
+    // weighing it.
+    let mut out = Vec::with_capacity(norms.len());
+    let mut scratch = [S::default(); CHUNK];
+    for (chunk_index, chunk) in norms.chunks(CHUNK).enumerate() {
+        let start = chunk_index * CHUNK;
+        let chunk_weights = label_weights.map(|w| &w[start..start + chunk.len()]);
+        let slots = &mut scratch[..chunk.len()];
+        bin_chunk::<S, false>(edges, chunk, chunk_weights, slots);
+        weigh_slots(lookup, slots, &mut out);
+    }
+    out.into_flattened()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ghm::Density;
+
+    /// splitmix64, so that every run checks the same batches.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
+    /// Norms that hit every path: tiny ones, a spread, the ends, edges and their neighbours.
+    fn norms(edges: &BinEdges, len: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                let g = match rng.next() % 6 {
+                    0 => rng.unit() * 1e-3,
+                    1 | 2 => rng.unit() * edges.max_norm().min(1.5),
+                    3 => {
+                        let e = edges.edges()[(rng.next() as usize) % edges.edges().len()];
+                        let ulps = (rng.next() % 9) as i64 - 4;
+                        f32::from_bits((i64::from(e.to_bits()) + ulps).max(0) as u32)
+                    }
+                    4 => [0.0, 1.0, edges.max_norm()][(rng.next() % 3) as usize],
+                    _ => rng.unit(),
+                };
+                g.min(edges.max_norm())
+            })
+            .collect()
+    }
+
+    fn label_weights(len: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..len)
+            .map(|_| match rng.next() % 5 {
+                0 => 0.0,
+                1 => rng.unit() * 3.0,
+                _ => 1.0,
+            })
+            .collect()
+    }
+
+    fn le(values: &[f32]) -> Vec<[u8; 4]> {
+        values.iter().map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// The reference's loop, one element at a time.
+    fn reference(
+        loss: Loss,
+        edges: &BinEdges,
+        norms: &[f32],
+        label_weights: Option<&[f32]>,
+    ) -> BatchCounts {
+        let mut counts = vec![0u64; edges.bins()];
+        let mut weight_sum = 0.0f64;
+        for (i, &g) in norms.iter().enumerate() {
+            let w = label_weights.map_or(1.0, |w| w[i]);
+            weight_sum += f64::from(w);
+            if w > 0.0 {
+                counts[edges.bin_of(g)] += 1;
             }
         }
-        Some(weights) => {
-            for ((slot, g), w) in slots.iter_mut().zip(norms).zip(weights) {
-                let bin = if f32_at(w) > 0.0 {
-                    edges.bin_of(f32_at(g))
-                } else {
-                    invalid
-                };
-                *slot = lookup[bin].to_le_bytes();
+        let tot = match (loss, label_weights) {
+            (Loss::GhmC, _) => counts.iter().sum::<u64>() as f64,
+            (Loss::GhmR, None) => norms.len() as f64,
+            (Loss::GhmR, Some(_)) => weight_sum,
+        };
+        BatchCounts { counts, tot }
+    }
+
+    #[test]
+    fn both_passes_match_the_element_by_element_reference_at_every_vector_level() {
+        use crate::ghm::slots::{LEVEL_CAP, Level};
+        for level in [Level::Baseline, Level::Avx2, Level::Avx512] {
+            LEVEL_CAP.with(|cap| cap.set(level));
+            both_passes_match_the_element_by_element_reference();
+        }
+    }
+
+    fn both_passes_match_the_element_by_element_reference() {
+        let mut rng = Rng(7);
+        // Sizes around the chunk (512), block (4096) and vector widths; bin counts on each
+        // side of the byte and compare-tally limits.
+        let sizes = [0, 1, 7, 63, 64, 65, 511, 512, 513, 4095, 4096, 4097, 9000];
+        let all_bins = [1, 2, 10, 30, 31, 32, 100, 254, 255, 256, 4096];
+        for loss in [Loss::GhmC, Loss::GhmR] {
+            for bins in all_bins {
+                let edges = BinEdges::new(loss, bins);
+                for len in sizes {
+                    let g = norms(&edges, len, &mut rng);
+                    let w = label_weights(len, &mut rng);
+                    for weights in [None, Some(w.as_slice())] {
+                        let context =
+                            format!("{loss:?} M={bins} len={len} weights={}", weights.is_some());
+                        let expected = reference(loss, &edges, &g, weights);
+                        let (norms_le, weights_le) = (le(&g), weights.map(le));
+                        let weights_le = weights_le.as_deref();
+                        let field = InputField::GradientNorms;
+                        let counts = count_batch(loss, &edges, &norms_le, field, weights_le)
+                            .expect("valid batch");
+                        assert_eq!(counts, expected, "{context}: count_batch");
+                        let binned = bin_batch(loss, &edges, &norms_le, field, weights_le)
+                            .expect("valid batch");
+                        assert_eq!(binned.counts(), &expected, "{context}: bin_batch");
+                        assert_eq!(binned.len(), len);
+
+                        let table = Density::new(bins).step(0.75, &expected);
+                        let lookup = table.lookup_with_invalid_slot();
+                        let expected_weights: Vec<u8> = g
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(i, &g)| {
+                                let valid = weights.is_none_or(|w| w[i] > 0.0);
+                                let weight = if valid { lookup[edges.bin_of(g)] } else { 0.0 };
+                                weight.to_le_bytes()
+                            })
+                            .collect();
+                        assert_eq!(
+                            write_weights(&edges, &table, &norms_le, weights_le),
+                            expected_weights,
+                            "{context}: write_weights"
+                        );
+                        assert_eq!(
+                            binned.write_weights(&table),
+                            expected_weights,
+                            "{context}: BinnedBatch::write_weights"
+                        );
+                    }
+                }
             }
         }
     }
-    out
+
+    #[test]
+    fn the_first_bad_element_is_named_wherever_it_is() {
+        let edges = BinEdges::new(Loss::GhmC, 30);
+        let field = InputField::GradientNorms;
+        for index in [0, 63, 64, 511, 512, 4095, 4096, 8191, 9999] {
+            for bad in [f32::NAN, -0.5, 1.5, f32::INFINITY] {
+                let mut g = vec![0.25f32; 10_000];
+                g[index] = bad;
+                // A second bad value later in the same block must not be the one reported.
+                if index + 1 < g.len() {
+                    g[index + 1] = -1.0;
+                }
+                for result in [
+                    count_batch(Loss::GhmC, &edges, &le(&g), field, None).map(|_| ()),
+                    bin_batch(Loss::GhmC, &edges, &le(&g), field, None).map(|_| ()),
+                ] {
+                    match result {
+                        Err(InputError::BadValue {
+                            field: InputField::GradientNorms,
+                            index: reported,
+                            value,
+                            ..
+                        }) => {
+                            assert_eq!(reported, index, "{bad}");
+                            assert_eq!(value.to_bits(), bad.to_bits());
+                        }
+                        other => panic!("{bad} at {index}: {other:?}"),
+                    }
+                }
+            }
+            let g = vec![0.25f32; 10_000];
+            let mut w = vec![1.0f32; 10_000];
+            w[index] = -1.0;
+            let result = bin_batch(Loss::GhmC, &edges, &le(&g), field, Some(&le(&w)));
+            assert!(
+                matches!(
+                    result,
+                    Err(InputError::BadValue { field: InputField::LabelWeights, index: i, .. }) if i == index
+                ),
+                "{result:?}"
+            );
+        }
+    }
 }

@@ -13,13 +13,14 @@ mod bins;
 mod density;
 mod error;
 mod kernel;
+mod slots;
 mod spec;
 
 pub use bins::BinEdges;
 pub use density::{BinTable, Density};
 pub use error::{InputError, InputField, SpecError};
 pub use kernel::{
-    BatchCounts, count_batch, float32_views, norms_from_residuals, validate_histogram,
-    write_weights,
+    BatchCounts, BinnedBatch, bin_batch, count_batch, float32_views, norms_from_residuals,
+    validate_histogram, write_weights,
 };
 pub use spec::{DEFAULT_MU, Loss, MAX_BINS, Spec};

@@ -11,6 +11,8 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked --all-targets
+echo "== fuzz: every cargo-fuzz target for 20 s"
+scripts/fuzz.sh 20
 echo "== Python client: pytest against a release ghmd"
 cargo build --release --locked --bin ghmd
 venv=$(scripts/python-venv.sh)

@@ -907,6 +907,27 @@ async fn huge_ids_unknown_enums_and_odd_floats_get_their_documented_status() {
             &format!("tot {tot:e}"),
         );
     }
+    // A tot whose weights would overflow float32 (the fuzzer found it): refused, not weighed
+    // by infinity.
+    let one_bin = [vec![1], vec![0; 9]].concat();
+    let result = client
+        .harmonize_histogram(JOBS[2], 0, 0, one_bin, 1e38)
+        .await;
+    assert_code(
+        result,
+        Code::InvalidArgument,
+        &["histogram.tot", "float32"],
+        "tot 1e38",
+    );
+    let result = client
+        .harmonize_norms(JOBS[2], 0, 0, &[0.5, 0.5], Some(&[f32::MAX, f32::MAX]))
+        .await;
+    assert_code(
+        result,
+        Code::InvalidArgument,
+        &["label_weights", "float32"],
+        "huge label weights",
+    );
     // An empty histogram of 4096 bins against a 10-bin job, and one of 10,000,000 entries.
     for len in [4096, 10_000_000] {
         let result = client

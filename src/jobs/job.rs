@@ -339,6 +339,19 @@ impl Job {
                 (PreparedNorms::Derived(norms), counts)
             }
         };
+        let max_tot = max_tot(spec.momentum());
+        if counts.tot > max_tot {
+            let field = match input.batch {
+                BatchInput::Histogram { .. } => "histogram.tot",
+                _ => "tot (the sum of label_weights)",
+            };
+            return Err(self.invalid_request(format!(
+                "{field} = {:e}: above {max_tot:e}, the largest tot whose weights stay finite in \
+                 float32 with momentum {}",
+                counts.tot,
+                spec.momentum()
+            )));
+        }
         Ok((
             PreparedBatch {
                 norms,
@@ -458,6 +471,16 @@ impl Job {
             applied,
         })
     }
+}
+
+/// The largest raw tot one request may carry. A GHM-R tot is a sum of label weights, which may
+/// be anything finite, and a weight is at most tot / ((1 - momentum) * 1) before rounding: past
+/// this bound it would overflow float32 and weigh elements by infinity (the fuzzer found it).
+/// The 2^17 leaves room for a step summing the tots of 2^16 ranks (MAX_WORLD_SIZE) and for
+/// float32 rounding; the bound is still far above any real batch's tot.
+pub fn max_tot(momentum: f64) -> f64 {
+    let floor = if momentum > 0.0 { 1.0 - momentum } else { 1.0 };
+    f64::from(f32::MAX) * floor / f64::from(1u32 << 17)
 }
 
 /// Runs kernel work on the blocking pool, so that a large batch cannot stall the runtime.

@@ -137,7 +137,9 @@ def main() -> None:
         if args.ghmd is None:
             parser.error("give --address of a running ghmd, or --ghmd to start one")
         args.address = f"127.0.0.1:{free_port()}"
-        server = subprocess.Popen([args.ghmd, "serve", "--listen", args.address],
+        # In memory, metrics on a free port: a scratch server that clashes with no other.
+        server = subprocess.Popen([args.ghmd, "serve", "--listen", args.address, "--in-memory",
+                                   "--metrics-listen", "127.0.0.1:0"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(args.address)

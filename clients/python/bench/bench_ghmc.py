@@ -85,7 +85,8 @@ def main() -> None:
     server = None
     if args.address is None:
         args.address = f"127.0.0.1:{free_port()}"
-        server = subprocess.Popen([args.ghmd, "serve", "--listen", args.address],
+        server = subprocess.Popen([args.ghmd, "serve", "--listen", args.address, "--in-memory",
+                                   "--metrics-listen", "127.0.0.1:0"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(args.address)

@@ -52,7 +52,7 @@ class Server:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [str(ghmd_binary()), "serve", "--listen", self.address, "--shutdown-grace", "3s",
-             *extra_args],
+             "--in-memory", "--metrics-listen", "127.0.0.1:0", *extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},

@@ -290,7 +290,7 @@ def test_a_server_that_comes_up_late_is_reached_by_retrying(job_id):
         time.sleep(0.5)
         started["process"] = subprocess.Popen(
             [str(ghmd_binary()), "serve", "--listen", f"127.0.0.1:{port}",
-             "--shutdown-grace", "1s"],
+             "--shutdown-grace", "1s", "--in-memory", "--metrics-listen", "127.0.0.1:0"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -23,6 +23,7 @@ def secured(tmp_path_factory):
     tokens.write_text(
         f'[[token]]\nname = "team-a"\ntoken = "{TOKEN}"\nprefixes = ["team-a/"]\n'
     )
+    tokens.chmod(0o600)
     server = Server(
         directory / "ghmd.log",
         "--tokens-file", str(tokens), "--tls-cert", str(cert), "--tls-key", str(key),

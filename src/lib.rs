@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -36,5 +36,12 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Bench(args) => match ghmd::bench::main(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ghmd bench: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

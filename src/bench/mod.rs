@@ -1,0 +1,450 @@
+//! `ghmd bench`: a load generator that says how far a ghmd is from what a user would do
+//! instead, in ratios to baselines measured in the same run on the same machine (see
+//! BENCHMARKS.md). Every measurement is bounded in time and count.
+//!
+//! - `raw`: 1M-element requests on 1 and 4 connections, against a TCP echo of the same bytes;
+//! - `small`: histogram requests at rising concurrency until saturation, against the health
+//!   check; then the latency at half the saturating rate;
+//! - `steps`: rounds of a step-synchronous job of W = 2, 4, 8 ranks;
+//! - `jobs`: the resident memory of an idle job, on a server of its own.
+//!
+//! Without `--target` the bench starts `ghmd serve` itself on a free loopback port.
+
+mod data;
+mod jobs;
+mod raw;
+mod small;
+mod stats;
+mod steps;
+mod target;
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::client::{Credentials, Transport};
+use crate::config::{BenchArgs, BenchMode};
+use crate::proto::harmonizer_client::HarmonizerClient;
+use crate::proto::{CreateJobRequest, DeleteJobRequest, JobSpec, Loss};
+pub use data::{SplitMix, realistic_histogram, realistic_norms};
+pub use jobs::JobsReport;
+pub use raw::{RawPoint, Throughput};
+pub use small::{Paced, Rate, SmallPoint, SmallReport};
+pub use stats::Latency;
+pub use steps::{StepsPoint, StepsReport};
+use target::Target;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Target(String),
+    #[error("cannot connect to {0}")]
+    Connect(String),
+    #[error("{call} failed with {code:?}: {message}")]
+    Rpc {
+        call: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("unexpected answer: {0}")]
+    Answer(String),
+    #[error("echo baseline: {0}")]
+    Echo(#[from] std::io::Error),
+    #[error("memory: {0}")]
+    Memory(String),
+    #[error("a bench task failed: {0}")]
+    Task(String),
+    #[error("--token: {0}")]
+    Token(#[from] crate::client::ClientError),
+    #[error("cannot write the report: {0}")]
+    Output(String),
+}
+
+/// A call's answer, or the error naming the call.
+fn rpc<T>(
+    call: &'static str,
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, BenchError> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(|status| BenchError::Rpc {
+            call,
+            code: status.code(),
+            message: status.message().to_owned(),
+        })
+}
+
+/// Job ids unique to this run, remembered so that the jobs made on a `--target` can be deleted
+/// at the end.
+struct JobNames {
+    prefix: String,
+    created: Mutex<Vec<String>>,
+}
+
+impl JobNames {
+    fn new() -> Self {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        Self {
+            prefix: format!("ghmd-bench/{}-{since_epoch}", std::process::id()),
+            created: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn job(&self, name: &str) -> String {
+        let id = format!("{}/{name}", self.prefix);
+        self.created.lock().push(id.clone());
+        id
+    }
+}
+
+async fn create_job(
+    client: &mut HarmonizerClient<Transport>,
+    job_id: &str,
+    loss: Loss,
+    bins: u32,
+    world_size: u32,
+) -> Result<(), BenchError> {
+    let request = CreateJobRequest {
+        job_id: job_id.to_owned(),
+        spec: Some(JobSpec {
+            loss: loss.into(),
+            bins,
+            momentum: 0.75,
+            world_size,
+            ..Default::default()
+        }),
+    };
+    rpc("CreateJob", client.create_job(request).await)?;
+    Ok(())
+}
+
+/// Whether a figure meets the issue's target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub value: f64,
+    pub target: String,
+    pub met: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum JobsOutcome {
+    Measured(JobsReport),
+    Skipped { reason: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub started_by_bench: bool,
+    pub cores: usize,
+    pub seconds_per_point: f64,
+    pub raw: Option<Vec<RawPoint>>,
+    pub small: Option<SmallReport>,
+    pub steps: Option<StepsReport>,
+    pub jobs: Option<JobsOutcome>,
+    pub checks: Vec<Check>,
+}
+
+/// Runs the modes `args` asks for and prints the report, as a table or as JSON.
+pub async fn main(args: BenchArgs) -> Result<(), BenchError> {
+    let report = run(&args).await?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).map_err(|e| BenchError::Output(e.to_string()))?
+    } else {
+        table(&report)
+    };
+    println!("{text}");
+    Ok(())
+}
+
+pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
+    let credentials = match &args.token {
+        Some(token) => Credentials::bearer(token)?,
+        None => Credentials::default(),
+    };
+    let target = match &args.target {
+        Some(uri) => Target::given(uri, credentials.clone(), args.allow_remote).await?,
+        None => {
+            Target::start(
+                credentials.clone(),
+                args.server_binary.as_deref(),
+                &args.server_args,
+            )
+            .await?
+        }
+    };
+    let names = JobNames::new();
+    let wants = |mode| args.modes.contains(&mode);
+    let mut report = Report {
+        target: target.uri.clone(),
+        started_by_bench: target.started_by_bench(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        seconds_per_point: args.duration.as_secs_f64(),
+        raw: None,
+        small: None,
+        steps: None,
+        jobs: None,
+        checks: Vec::new(),
+    };
+    let measured = async {
+        if wants(BenchMode::Raw) {
+            report.raw = Some(raw::run(&target, &names, args.raw_elements, args.duration).await?);
+        }
+        if wants(BenchMode::Small) {
+            report.small =
+                Some(small::run(&target, &names, args.max_concurrency, args.duration).await?);
+        }
+        if wants(BenchMode::Steps) {
+            report.steps = Some(steps::run(&target, &names, args.duration).await?);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    if !target.started_by_bench() {
+        delete_jobs(&target, &names).await;
+    }
+    measured?;
+    drop(target);
+    if wants(BenchMode::Jobs) {
+        report.jobs = Some(if args.target.is_some() {
+            JobsOutcome::Skipped {
+                reason: "memory is read from /proc of a server the bench starts: run without \
+                         --target"
+                    .to_owned(),
+            }
+        } else {
+            // A server of its own, so that nothing served before blurs the reading.
+            let fresh = Target::start(
+                credentials,
+                args.server_binary.as_deref(),
+                &args.server_args,
+            )
+            .await?;
+            JobsOutcome::Measured(jobs::run(&fresh, &names, args.jobs).await?)
+        });
+    }
+    report.checks = checks(&report);
+    Ok(report)
+}
+
+/// Best effort: a failed delete only leaves a job behind on the target.
+async fn delete_jobs(target: &Target, names: &JobNames) {
+    let Ok(channel) = target.connect().await else {
+        return;
+    };
+    let mut client = target.harmonizer(channel);
+    let created = std::mem::take(&mut *names.created.lock());
+    for job_id in created {
+        let _ = client.delete_job(DeleteJobRequest { job_id }).await;
+    }
+}
+
+fn checks(report: &Report) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut check = |what: String, value: f64, target: &str, met: bool| {
+        checks.push(Check {
+            what,
+            value,
+            target: target.to_owned(),
+            met,
+        });
+    };
+    for point in report.raw.iter().flatten() {
+        check(
+            format!("raw, {} connection(s): ghmd / echo", point.connections),
+            point.ratio,
+            ">= 0.5",
+            point.ratio >= 0.5,
+        );
+    }
+    if let Some(small) = &report.small {
+        if let Some(point) = small
+            .points
+            .iter()
+            .find(|p| p.concurrency == small.saturating_concurrency)
+        {
+            check(
+                format!(
+                    "small, concurrency {}: histogram / health check",
+                    point.concurrency
+                ),
+                point.ratio,
+                ">= 0.8",
+                point.ratio >= 0.8,
+            );
+        }
+        let p99 = small.half_rate.latency.p99_ms;
+        check(
+            format!(
+                "small, p99 at half the saturating rate ({:.0}/s), ms",
+                small.half_rate.target_rate
+            ),
+            p99,
+            "< 2",
+            p99 < 2.0,
+        );
+    }
+    if let Some(steps::StepsReport::Measured { points }) = &report.steps {
+        for point in points.iter().filter(|p| p.world_size == 8) {
+            let p50 = point.round_latency.p50_ms;
+            check(
+                "steps, W = 8: round p50, ms".to_owned(),
+                p50,
+                "< 1",
+                p50 < 1.0,
+            );
+        }
+    }
+    if let Some(JobsOutcome::Measured(jobs)) = &report.jobs {
+        check(
+            format!("jobs: bytes per idle job (bins {})", jobs.bins),
+            jobs.bytes_per_job,
+            "<= 2048",
+            jobs.bytes_per_job <= 2048.0,
+        );
+    }
+    checks
+}
+
+fn ms(latency: &stats::Latency) -> String {
+    format!("{:.3} / {:.3}", latency.p50_ms, latency.p99_ms)
+}
+
+/// The report for a person: one section per mode, then the targets.
+fn table(report: &Report) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "ghmd bench: {} ({}), {} cores, {:.1} s per point",
+        report.target,
+        if report.started_by_bench {
+            "started by the bench"
+        } else {
+            "--target"
+        },
+        report.cores,
+        report.seconds_per_point
+    );
+    if let Some(points) = &report.raw {
+        let _ = writeln!(
+            out,
+            "\nraw: {} elements per request; p50 / p99 in ms",
+            points.first().map_or(0, |p| p.elements_per_request)
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:>14} {:>17} {:>14} {:>17} {:>7}",
+            "conns", "ghmd elem/s", "ghmd p50/p99", "echo elem/s", "echo p50/p99", "ratio"
+        );
+        for p in points {
+            let _ = writeln!(
+                out,
+                "{:>5} {:>14.3e} {:>17} {:>14.3e} {:>17} {:>7.3}",
+                p.connections,
+                p.ghmd.elements_per_second,
+                ms(&p.ghmd.latency),
+                p.echo.elements_per_second,
+                ms(&p.echo.latency),
+                p.ratio
+            );
+        }
+    }
+    if let Some(small) = &report.small {
+        let _ = writeln!(
+            out,
+            "\nsmall: histogram requests (bins {}) vs grpc.health.v1.Health/Check; p50 / p99 in ms",
+            small::BINS
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:>12} {:>17} {:>12} {:>17} {:>7}",
+            "conc", "hist req/s", "hist p50/p99", "health req/s", "health p50/p99", "ratio"
+        );
+        for p in &small.points {
+            let _ = writeln!(
+                out,
+                "{:>5} {:>12.0} {:>17} {:>12.0} {:>17} {:>7.3}",
+                p.concurrency,
+                p.histogram.requests_per_second,
+                ms(&p.histogram.latency),
+                p.health.requests_per_second,
+                ms(&p.health.latency),
+                p.ratio
+            );
+        }
+        let half = &small.half_rate;
+        let _ = writeln!(
+            out,
+            "saturation: {:.0} req/s at concurrency {}; at half that ({:.0} req/s sent, {:.0} \
+             answered/s): p50 / p99 {} ms",
+            small.saturating_rate,
+            small.saturating_concurrency,
+            half.target_rate,
+            half.achieved_rate,
+            ms(&half.latency)
+        );
+    }
+    match &report.steps {
+        Some(steps::StepsReport::Measured { points }) => {
+            let _ = writeln!(out, "\nsteps: rounds of W ranks, one histogram each");
+            let _ = writeln!(
+                out,
+                "{:>5} {:>8} {:>10} {:>17}",
+                "W", "rounds", "rounds/s", "round p50/p99 ms"
+            );
+            for p in points {
+                let _ = writeln!(
+                    out,
+                    "{:>5} {:>8} {:>10.0} {:>17}",
+                    p.world_size,
+                    p.rounds,
+                    p.rounds_per_second,
+                    ms(&p.round_latency)
+                );
+            }
+        }
+        Some(steps::StepsReport::UnsupportedByServer { message }) => {
+            let _ = writeln!(out, "\nsteps: unsupported by server ({message})");
+        }
+        None => {}
+    }
+    match &report.jobs {
+        Some(JobsOutcome::Measured(jobs)) => {
+            let _ = writeln!(
+                out,
+                "\njobs: {} idle jobs (bins {}): RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes per job",
+                jobs.jobs,
+                jobs.bins,
+                jobs.rss_before_bytes as f64 / 1048576.0,
+                jobs.rss_after_bytes as f64 / 1048576.0,
+                jobs.bytes_per_job
+            );
+        }
+        Some(JobsOutcome::Skipped { reason }) => {
+            let _ = writeln!(out, "\njobs: skipped ({reason})");
+        }
+        None => {}
+    }
+    if !report.checks.is_empty() {
+        let _ = writeln!(out, "\ntargets:");
+        for c in &report.checks {
+            let _ = writeln!(
+                out,
+                "  {:<58} {:>10.3}  {:<8} {}",
+                c.what,
+                c.value,
+                c.target,
+                if c.met { "met" } else { "NOT met" }
+            );
+        }
+    }
+    out
+}

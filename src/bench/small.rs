@@ -1,0 +1,250 @@
+//! `small`: histogram requests (bins 30) at rising concurrency until the rate stops growing,
+//! each level against `grpc.health.v1.Health/Check` on the same server over the same
+//! connections; then the latency at half the saturating rate, sent at a steady pace.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::stats::{Call, Latency, Run, closed_loop};
+use super::target::Target;
+use super::{BenchError, JobNames, create_job, rpc};
+use crate::client::Transport;
+use crate::proto::harmonize_request::Input;
+use crate::proto::harmonizer_client::HarmonizerClient;
+use crate::proto::{HarmonizeRequest, Histogram, Loss};
+
+/// HTTP/2 connections the requests are spread over, for both services.
+pub const CONNECTIONS: usize = 4;
+pub const BINS: u32 = 30;
+/// A level that does not beat the best rate so far by this much counts as saturated; two in a
+/// row end the climb.
+const GAIN: f64 = 1.05;
+/// Requests the steady-pace run sends at most.
+const MAX_PACED_REQUESTS: usize = 1_000_000;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SmallPoint {
+    pub concurrency: usize,
+    pub histogram: Rate,
+    pub health: Rate,
+    /// Histogram requests per second over health checks per second.
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rate {
+    pub requests_per_second: f64,
+    pub latency: Latency,
+}
+
+impl From<&Run> for Rate {
+    fn from(run: &Run) -> Self {
+        Self {
+            requests_per_second: run.per_second(),
+            latency: run.latency.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SmallReport {
+    pub points: Vec<SmallPoint>,
+    /// The level with the highest histogram rate.
+    pub saturating_concurrency: usize,
+    pub saturating_rate: f64,
+    pub half_rate: Paced,
+}
+
+/// Requests sent at a steady pace, each timed from when it was sent.
+#[derive(Clone, Debug, Serialize)]
+pub struct Paced {
+    pub target_rate: f64,
+    pub achieved_rate: f64,
+    pub latency: Latency,
+}
+
+pub async fn run(
+    target: &Target,
+    names: &JobNames,
+    max_concurrency: usize,
+    duration: Duration,
+) -> Result<SmallReport, BenchError> {
+    let histogram = super::data::realistic_histogram(BINS as usize, 100_000, 2);
+    let histogram = Histogram {
+        counts: histogram.counts,
+        tot: histogram.tot,
+    };
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(target.connect().await?);
+    }
+    // One job per concurrent caller, as separate training jobs would be: callers do not queue
+    // on one job's lock.
+    let mut jobs: Vec<String> = Vec::new();
+    let mut points: Vec<SmallPoint> = Vec::new();
+    let mut best = (0usize, 0.0f64);
+    let mut flat_levels = 0;
+    let mut concurrency = 1;
+    while concurrency <= max_concurrency.max(1) {
+        while jobs.len() < concurrency {
+            let job_id = names.job(&format!("small-{}", jobs.len()));
+            let channel = channels[jobs.len() % CONNECTIONS].clone();
+            create_job(
+                &mut target.harmonizer(channel),
+                &job_id,
+                Loss::GhmC,
+                BINS,
+                0,
+            )
+            .await?;
+            jobs.push(job_id);
+        }
+        let histogram_workers: Vec<HistogramWorker> = (0..concurrency)
+            .map(|i| HistogramWorker {
+                client: target.harmonizer(channels[i % CONNECTIONS].clone()),
+                job_id: jobs[i].clone(),
+                histogram: histogram.clone(),
+            })
+            .collect();
+        let health_workers: Vec<HealthWorker> = (0..concurrency)
+            .map(|i| HealthWorker {
+                client: target.health(channels[i % CONNECTIONS].clone()),
+            })
+            .collect();
+        let histograms = closed_loop(histogram_workers, duration).await?;
+        let health = closed_loop(health_workers, duration).await?;
+        let (histogram_rate, health_rate) = (Rate::from(&histograms), Rate::from(&health));
+        let rate = histogram_rate.requests_per_second;
+        points.push(SmallPoint {
+            concurrency,
+            ratio: rate / health_rate.requests_per_second,
+            histogram: histogram_rate,
+            health: health_rate,
+        });
+        if rate > best.1 * GAIN {
+            flat_levels = 0;
+        } else {
+            flat_levels += 1;
+        }
+        if rate > best.1 {
+            best = (concurrency, rate);
+        }
+        if flat_levels >= 2 {
+            break;
+        }
+        concurrency *= 2;
+    }
+
+    let clients: Vec<HistogramWorker> = (0..best.0.max(1))
+        .map(|i| HistogramWorker {
+            client: target.harmonizer(channels[i % CONNECTIONS].clone()),
+            job_id: jobs[i % jobs.len().max(1)].clone(),
+            histogram: histogram.clone(),
+        })
+        .collect();
+    let half_rate = paced(clients, best.1 / 2.0, duration).await?;
+    Ok(SmallReport {
+        points,
+        saturating_concurrency: best.0,
+        saturating_rate: best.1,
+        half_rate,
+    })
+}
+
+/// Sends requests at `rate` per second for `duration`, whether or not earlier ones have been
+/// answered (an open loop, as independent clients behave). A plain thread keeps the pace,
+/// since the runtime's timers tick in milliseconds; each request runs on the runtime.
+async fn paced(
+    workers: Vec<HistogramWorker>,
+    rate: f64,
+    duration: Duration,
+) -> Result<Paced, BenchError> {
+    if workers.is_empty() || rate.is_nan() || rate <= 0.0 {
+        return Err(BenchError::Answer("no rate to pace at".to_owned()));
+    }
+    let count = ((rate * duration.as_secs_f64()) as usize).clamp(1, MAX_PACED_REQUESTS);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let workers = Arc::new(workers);
+    let runtime = tokio::runtime::Handle::current();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let start = Instant::now();
+    let pacer = std::thread::spawn(move || {
+        for index in 0..count {
+            let due = start + interval.mul_f64(index as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let mut worker = workers[index % workers.len()].clone();
+            let answer = runtime.spawn(async move {
+                let sent = Instant::now();
+                worker.call().await.map(|()| sent.elapsed())
+            });
+            if sender.send(answer).is_err() {
+                break;
+            }
+        }
+    });
+    let mut answers = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver);
+    let mut latencies = Vec::with_capacity(count);
+    while let Some(answer) = answers.next().await {
+        latencies.push(
+            answer
+                .await
+                .map_err(|e| BenchError::Task(e.to_string()))??,
+        );
+    }
+    let elapsed = start.elapsed();
+    pacer
+        .join()
+        .map_err(|_| BenchError::Task("the pacing thread panicked".to_owned()))?;
+    Ok(Paced {
+        target_rate: rate,
+        achieved_rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+        latency: Latency::of(&mut latencies),
+    })
+}
+
+#[derive(Clone)]
+struct HistogramWorker {
+    client: HarmonizerClient<Transport>,
+    job_id: String,
+    histogram: Histogram,
+}
+
+impl Call for HistogramWorker {
+    async fn call(&mut self) -> Result<(), BenchError> {
+        let request = HarmonizeRequest {
+            job_id: self.job_id.clone(),
+            input: Some(Input::Histogram(self.histogram.clone())),
+            ..Default::default()
+        };
+        let response = rpc("Harmonize", self.client.harmonize(request).await)?;
+        if response.bin_weights.len() != BINS as usize {
+            return Err(BenchError::Answer(format!(
+                "Harmonize returned {} bin weights for {BINS} bins",
+                response.bin_weights.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct HealthWorker {
+    client: HealthClient<Transport>,
+}
+
+impl Call for HealthWorker {
+    async fn call(&mut self) -> Result<(), BenchError> {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        rpc("Health/Check", self.client.check(request).await)?;
+        Ok(())
+    }
+}

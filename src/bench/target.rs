@@ -1,0 +1,256 @@
+//! The server under test: one given by `--target`, or a `ghmd serve` the bench starts on a free
+//! loopback port (the only kind whose memory it can read).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::BenchError;
+use crate::client::{Credentials, MAX_MESSAGE_BYTES, Transport};
+use crate::proto::harmonizer_client::HarmonizerClient;
+
+/// How long a started server may take to answer its first health check.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Jobs a started server accepts: the memory measurement creates 100,000 by default.
+const MAX_JOBS: u64 = 10_000_000;
+
+/// A server to measure, and the way to reach it.
+pub struct Target {
+    pub uri: String,
+    credentials: Credentials,
+    server: Option<StartedServer>,
+}
+
+impl Target {
+    /// `--target`, after checking that it is on this machine unless `allow_remote`.
+    pub async fn given(
+        uri: &str,
+        credentials: Credentials,
+        allow_remote: bool,
+    ) -> Result<Self, BenchError> {
+        let parsed: http::Uri = uri.parse().map_err(|e: http::uri::InvalidUri| {
+            BenchError::Target(format!("--target {uri:?}: {e}"))
+        })?;
+        if parsed.scheme_str() != Some("http") {
+            return Err(BenchError::Target(format!(
+                "--target {uri:?}: only http:// targets are supported (TLS is not)"
+            )));
+        }
+        let host = parsed
+            .host()
+            .ok_or_else(|| BenchError::Target(format!("--target {uri:?} has no host")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = parsed.port_u16().unwrap_or(80);
+        if !allow_remote {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| BenchError::Target(format!("--target {uri:?}: {e}")))?
+                .collect();
+            if addrs.is_empty() || addrs.iter().any(|addr| !addr.ip().is_loopback()) {
+                return Err(BenchError::Target(format!(
+                    "--target {uri:?} is not on this machine's loopback interface; a bench is a \
+                     load test, so pass --allow-remote only for a server you may load"
+                )));
+            }
+        }
+        Ok(Self {
+            uri: uri.to_owned(),
+            credentials,
+            server: None,
+        })
+    }
+
+    /// Starts `binary` (default: this very binary) as `ghmd serve` on a free loopback port, in
+    /// memory, and waits until it answers health checks.
+    pub async fn start(
+        credentials: Credentials,
+        binary: Option<&Path>,
+        extra_args: &[String],
+    ) -> Result<Self, BenchError> {
+        let server = StartedServer::spawn(binary, extra_args)?;
+        let mut target = Self {
+            uri: format!("http://{}", server.addr),
+            credentials,
+            server: Some(server),
+        };
+        target.wait_ready().await?;
+        Ok(target)
+    }
+
+    pub fn started_by_bench(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// The resident set of the started server, in bytes; `None` for a `--target`.
+    pub fn server_rss(&self) -> Result<Option<u64>, BenchError> {
+        match &self.server {
+            Some(server) => resident_bytes(server.child.id()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A new HTTP/2 connection.
+    pub async fn connect(&self) -> Result<Channel, BenchError> {
+        Endpoint::from_shared(self.uri.clone())
+            .map_err(|e| BenchError::Target(format!("{}: {e}", self.uri)))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| BenchError::Connect(format!("{}: {e}", self.uri)))
+    }
+
+    pub fn harmonizer(&self, channel: Channel) -> HarmonizerClient<Transport> {
+        HarmonizerClient::new(InterceptedService::new(channel, self.credentials.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn health(&self, channel: Channel) -> HealthClient<Transport> {
+        HealthClient::new(InterceptedService::new(channel, self.credentials.clone()))
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), BenchError> {
+        let start = Instant::now();
+        let mut last_error = String::new();
+        while start.elapsed() < READY_TIMEOUT {
+            if let Some(server) = &mut self.server {
+                server.check_running()?;
+            }
+            match self.connect().await {
+                Ok(channel) => {
+                    let request = HealthCheckRequest {
+                        service: String::new(),
+                    };
+                    match self.health(channel).check(request).await {
+                        Ok(_) => return Ok(()),
+                        Err(status) => last_error = status.message().to_owned(),
+                    }
+                }
+                Err(error) => last_error = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(BenchError::Target(format!(
+            "the server at {} did not answer within {READY_TIMEOUT:?}: {last_error}",
+            self.uri
+        )))
+    }
+}
+
+/// A `ghmd serve` child process, killed when dropped.
+struct StartedServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl StartedServer {
+    fn spawn(binary: Option<&Path>, extra_args: &[String]) -> Result<Self, BenchError> {
+        let addr = free_loopback_port()?;
+        let exe = match binary {
+            Some(path) => path.to_owned(),
+            None => std::env::current_exe()
+                .map_err(|e| BenchError::Target(format!("cannot find the ghmd binary: {e}")))?,
+        };
+        let child = Command::new(exe)
+            .arg("serve")
+            .arg(format!("--listen={addr}"))
+            .arg("--metrics-listen=127.0.0.1:0")
+            .arg("--in-memory")
+            .arg(format!("--max-jobs={MAX_JOBS}"))
+            .args(extra_args)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| BenchError::Target(format!("cannot start ghmd serve: {e}")))?;
+        Ok(Self { child, addr })
+    }
+
+    fn check_running(&mut self) -> Result<(), BenchError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(BenchError::Target(format!(
+                "the ghmd serve the bench started exited with {status} (its errors are above)"
+            ))),
+            Err(e) => Err(BenchError::Target(format!(
+                "cannot watch the ghmd serve the bench started: {e}"
+            ))),
+        }
+    }
+}
+
+impl Drop for StartedServer {
+    fn drop(&mut self) {
+        // In memory: nothing to flush, so no need for a graceful stop.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port the kernel just handed out, released for the server to bind. Another process could
+/// take it in between; the readiness check would then fail loudly rather than measure it.
+fn free_loopback_port() -> Result<SocketAddr, BenchError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| BenchError::Target(format!("cannot find a free port: {e}")))?;
+    listener
+        .local_addr()
+        .map_err(|e| BenchError::Target(format!("cannot find a free port: {e}")))
+}
+
+/// VmRSS of a process, from /proc.
+fn resident_bytes(pid: u32) -> Result<u64, BenchError> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)
+        .map_err(|e| BenchError::Memory(format!("cannot read {path}: {e}")))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| BenchError::Memory(format!("{path} has no VmRSS line")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resident_set_of_this_process_is_read_from_proc() {
+        let rss = resident_bytes(std::process::id()).unwrap();
+        // A Rust test binary has at least a megabyte resident and far less than the machine.
+        assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    }
+
+    #[tokio::test]
+    async fn a_target_off_loopback_needs_allow_remote() {
+        let refused = Target::given("http://192.0.2.1:50051", Credentials::default(), false).await;
+        assert!(
+            matches!(&refused, Err(BenchError::Target(m)) if m.contains("--allow-remote")),
+            "{:?}",
+            refused.err()
+        );
+        assert!(
+            Target::given("http://127.0.0.1:50051", Credentials::default(), false)
+                .await
+                .is_ok()
+        );
+        assert!(
+            Target::given("http://[::1]:50051", Credentials::default(), false)
+                .await
+                .is_ok()
+        );
+        assert!(
+            Target::given("https://127.0.0.1:50051", Credentials::default(), false)
+                .await
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,90 @@
+//! `ghmd bench`, briefly: every mode runs against a real server and reports what it measured.
+//! The figures themselves live in BENCHMARKS.md, not in tests.
+
+mod common;
+
+use clap::Parser;
+use common::TestServer;
+use ghmd::bench::{JobsOutcome, StepsReport};
+use ghmd::config::BenchArgs;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_a_target_every_mode_reports_and_no_job_is_left_behind() {
+    let server = TestServer::start().await;
+    let uri = server.uri();
+    let args = BenchArgs::parse_from([
+        "bench",
+        "--target",
+        uri.as_str(),
+        "--duration",
+        "200ms",
+        "--raw-elements",
+        "10000",
+        "--max-concurrency",
+        "4",
+    ]);
+    let report = ghmd::bench::run(&args).await.expect("bench runs");
+
+    assert!(!report.started_by_bench);
+    let raw = report.raw.as_ref().expect("raw ran");
+    assert_eq!(
+        raw.iter().map(|p| p.connections).collect::<Vec<_>>(),
+        [1, 4]
+    );
+    for point in raw {
+        assert!(point.ghmd.requests > 0 && point.echo.requests > 0);
+        assert!(point.ratio.is_finite() && point.ratio > 0.0, "{point:?}");
+        assert!(point.ghmd.latency.p50_ms <= point.ghmd.latency.p99_ms);
+    }
+
+    let small = report.small.as_ref().expect("small ran");
+    let levels: Vec<usize> = small.points.iter().map(|p| p.concurrency).collect();
+    assert!(!levels.is_empty() && levels.len() <= 3, "{levels:?}");
+    assert!(levels.windows(2).all(|w| w[1] == 2 * w[0]), "{levels:?}");
+    assert!(levels.contains(&small.saturating_concurrency));
+    assert!(small.half_rate.latency.samples > 0);
+    assert!((small.half_rate.target_rate - small.saturating_rate / 2.0).abs() < 1e-6);
+
+    match report.steps.as_ref().expect("steps ran") {
+        StepsReport::Measured { points } => {
+            assert_eq!(
+                points.iter().map(|p| p.world_size).collect::<Vec<_>>(),
+                [2, 4, 8]
+            );
+            assert!(points.iter().all(|p| p.rounds > 0));
+        }
+        other => panic!("this server has step-synchronous jobs: {other:?}"),
+    }
+    assert!(matches!(report.jobs, Some(JobsOutcome::Skipped { .. })));
+    // raw x2, small ratio and half-rate p99, steps W = 8.
+    assert_eq!(report.checks.len(), 5, "{:?}", report.checks);
+    serde_json::to_string(&report).expect("the report serialises");
+
+    let left = server.registry.snapshots();
+    assert!(left.is_empty(), "jobs left behind: {:?}", left.len());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_target_it_starts_a_server_and_reads_its_memory() {
+    let args = BenchArgs::parse_from([
+        "bench",
+        "--mode",
+        "jobs",
+        "--jobs",
+        "3000",
+        "--server-binary",
+        env!("CARGO_BIN_EXE_ghmd"),
+    ]);
+    let report = ghmd::bench::run(&args).await.expect("bench runs");
+    assert!(report.started_by_bench);
+    match report.jobs {
+        Some(JobsOutcome::Measured(jobs)) => {
+            assert_eq!(jobs.jobs, 3000);
+            assert!(jobs.rss_before_bytes > 0 && jobs.rss_after_bytes > 0);
+            assert!(jobs.bytes_per_job.is_finite(), "{jobs:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(report.raw.is_none() && report.small.is_none() && report.steps.is_none());
+}

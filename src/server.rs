@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::HarmonizerService;
@@ -274,7 +274,13 @@ impl Server {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(harmonizer)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            // Without TCP_NODELAY (which a custom incoming stream does not get from tonic) a
+            // response whose frames leave in two writes waits for the client's delayed ACK:
+            // 40 ms per small request on Linux.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            );
         let served = tokio::select! {
             result = serve => result,
             () = grace_expired => {

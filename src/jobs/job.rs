@@ -6,7 +6,7 @@ use parking_lot::Mutex;
 
 use super::sync::{Joined, SyncState};
 use super::{JobError, JobSpec, StepObserver};
-use crate::ghm::{self, BatchCounts, BinEdges, BinTable, Density, InputField, Loss};
+use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
 
 /// What a request brings to a step.
 #[derive(Clone, Debug)]
@@ -125,28 +125,16 @@ pub struct Job {
 }
 
 /// A batch after pass one: validated, its counts taken out, ready to be weighed once its step's
-/// table is known.
+/// table is known. It keeps one byte per element (its bin), not the request's norms and label
+/// weights, so that a step waiting for its other ranks holds an eighth of the memory.
 pub(super) struct PreparedBatch {
-    norms: PreparedNorms,
-    label_weights: Option<Bytes>,
-}
-
-enum PreparedNorms {
-    /// Histogram input: there are no elements to weigh.
-    None,
-    /// Norms as they came off the wire: no copy.
-    Wire(Bytes),
-    /// Norms derived from residuals.
-    Derived(Vec<[u8; 4]>),
+    /// `None` for a histogram input: there are no elements to weigh.
+    binned: Option<BinnedBatch>,
 }
 
 impl PreparedBatch {
     fn element_count(&self) -> usize {
-        match &self.norms {
-            PreparedNorms::None => 0,
-            PreparedNorms::Wire(bytes) => bytes.len() / 4,
-            PreparedNorms::Derived(norms) => norms.len(),
-        }
+        self.binned.as_ref().map_or(0, BinnedBatch::len)
     }
 }
 
@@ -292,7 +280,7 @@ impl Job {
     ) -> Result<(PreparedBatch, BatchCounts), JobError> {
         let spec = &self.ghm;
         let label_weights = input.label_weights.clone();
-        let (norms, counts) = match &input.batch {
+        let (binned, counts) = match &input.batch {
             BatchInput::Histogram { counts, tot } => {
                 if label_weights.is_some() {
                     return Err(self.invalid_request(
@@ -301,13 +289,13 @@ impl Job {
                 }
                 let counts = ghm::validate_histogram(spec.loss(), spec.bins(), counts, *tot)
                     .map_err(|e| self.input_error(e))?;
-                (PreparedNorms::None, counts)
+                (None, counts)
             }
             BatchInput::GradientNorms(bytes) => {
                 let (norms, weights) =
                     ghm::float32_views(bytes, InputField::GradientNorms, label_weights.as_deref())
                         .map_err(|e| self.input_error(e))?;
-                let counts = ghm::count_batch(
+                let binned = ghm::bin_batch(
                     spec.loss(),
                     &self.edges,
                     norms,
@@ -315,7 +303,8 @@ impl Job {
                     weights,
                 )
                 .map_err(|e| self.input_error(e))?;
-                (PreparedNorms::Wire(bytes.clone()), counts)
+                let counts = binned.counts().clone();
+                (Some(binned), counts)
             }
             BatchInput::Residuals(bytes) => {
                 if spec.loss() != Loss::GhmR {
@@ -328,7 +317,7 @@ impl Job {
                         .map_err(|e| self.input_error(e))?;
                 let norms = ghm::norms_from_residuals(residuals, spec.mu())
                     .map_err(|e| self.input_error(e))?;
-                let counts = ghm::count_batch(
+                let binned = ghm::bin_batch(
                     spec.loss(),
                     &self.edges,
                     &norms,
@@ -336,7 +325,8 @@ impl Job {
                     weights,
                 )
                 .map_err(|e| self.input_error(e))?;
-                (PreparedNorms::Derived(norms), counts)
+                let counts = binned.counts().clone();
+                (Some(binned), counts)
             }
         };
         let max_tot = max_tot(spec.momentum());
@@ -352,13 +342,7 @@ impl Job {
                 spec.momentum()
             )));
         }
-        Ok((
-            PreparedBatch {
-                norms,
-                label_weights,
-            },
-            counts,
-        ))
+        Ok((PreparedBatch { binned }, counts))
     }
 
     /// The one place a job's density changes: called with the job's lock held.
@@ -393,19 +377,11 @@ impl Job {
 
     /// Pass two, outside any lock: this request's element weights from its step's table.
     pub(super) fn weigh(&self, batch: &PreparedBatch, table: &BinTable) -> Option<Vec<u8>> {
-        let norms: &[[u8; 4]] = match &batch.norms {
-            PreparedNorms::None => return None,
-            PreparedNorms::Wire(bytes) => bytes.as_chunks::<4>().0,
-            PreparedNorms::Derived(norms) => norms,
-        };
-        let weights = batch
-            .label_weights
-            .as_deref()
-            .map(|bytes| bytes.as_chunks::<4>().0);
+        let binned = batch.binned.as_ref()?;
         self.context
             .observer
-            .elements_weighed(self.ghm.loss(), norms.len() as u64);
-        Some(ghm::write_weights(&self.edges, table, norms, weights))
+            .elements_weighed(self.ghm.loss(), binned.len() as u64);
+        Some(binned.write_weights(table))
     }
 
     /// An asynchronous step: prepared, applied and weighed at once.

@@ -1,6 +1,7 @@
 //! Faults under load: back-pressure past the concurrency limit, a worker killed in the middle of
-//! sending its step, a worker that disconnects while it waits. The other workers get the
-//! documented status, never a hang, and no acknowledged step is lost or applied twice.
+//! sending its step, a worker that disconnects while it waits, a server restarted in the middle
+//! of a job. The other workers get the documented status, never a hang, and no acknowledged
+//! step is lost or applied twice.
 
 mod common;
 
@@ -62,7 +63,9 @@ async fn reference(client: &mut Client, job_id: &str, shards: &[Vec<f32>]) -> Ha
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     const LIMIT: u32 = 4;
-    const TIMEOUT: Duration = Duration::from_secs(3);
+    // Long enough that the blocked requests are still waiting on a loaded machine when the
+    // refusals are checked.
+    const TIMEOUT: Duration = Duration::from_secs(10);
     let server = TestServer::start_with(|config| config.max_concurrent_requests = LIMIT).await;
     let mut client = server.client().await;
     client
@@ -71,23 +74,33 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
         .expect("create");
 
     // LIMIT requests of rank 0 wait for a rank 1 that never comes: every permit is taken.
-    let started = Instant::now();
     let mut blocked = Vec::new();
     for step in 0..u64::from(LIMIT) {
         let mut rank0 = server.client().await;
+        // The probe below may hold a permit for a moment as a blocker arrives: a refused
+        // blocker tries again, as a real client backing off would.
         blocked.push(tokio::spawn(async move {
-            rank0.harmonize_norms("bp/job", step, 0, &[0.5], None).await
+            loop {
+                match rank0.harmonize_norms("bp/job", step, 0, &[0.5], None).await {
+                    Err(status) if status.code() == Code::ResourceExhausted => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    result => return result,
+                }
+            }
         }));
     }
     // Wait until the server holds all of them (the last spawned may still be on its way).
+    let started = Instant::now();
     let refusal = loop {
         match client.get_job("bp/job").await {
             Err(status) if status.code() == Code::ResourceExhausted => break status,
             Ok(_) => {
-                assert!(
-                    started.elapsed() < TIMEOUT,
-                    "the blocked requests never filled the limit"
-                );
+                if let Some(done) = blocked.iter().position(|task| task.is_finished()) {
+                    let result = blocked.swap_remove(done).await;
+                    panic!("a blocked request ended before the limit filled: {result:?}");
+                }
+                assert!(started.elapsed() < NO_HANG, "the limit never filled");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(status) => panic!("unexpected {status:?}"),
@@ -412,4 +425,216 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
         .expect("state");
     assert_eq!((state.steps, state.next_step), (2, 2));
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server restart in the middle of a job (the real binary, with its data dir).
+
+/// `ghmd serve` on a free loopback port with a data dir, killed if the test fails before it
+/// exits.
+struct Daemon {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl Daemon {
+    async fn start(data_dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
+            .args([
+                "serve",
+                "--listen",
+                &listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            // Only the snapshot at shutdown counts: a restart must not need a lucky timer.
+            .args(["--snapshot-interval", "1h", "--shutdown-grace", "20s"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ghmd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&listen).await.is_err() {
+            assert!(Instant::now() < deadline, "ghmd did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            uri: format!("http://{listen}"),
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn stop(mut self) {
+        let status = std::process::Command::new("sh")
+            .args(["-c", "kill -TERM \"$0\"", &self.child.id().to_string()])
+            .status()
+            .expect("sh");
+        assert!(status.success());
+        let deadline = Instant::now() + NO_HANG;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "ghmd exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "ghmd did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn step_shards(step: u64) -> Vec<Vec<f32>> {
+    (0..2).map(|rank| shard(rank + 10 * step as u32)).collect()
+}
+
+async fn both_ranks(uri: &str, job_id: &str, step: u64) -> Vec<HarmonizeResponse> {
+    let mut tasks = Vec::new();
+    for (rank, norms) in step_shards(step).into_iter().enumerate() {
+        let (uri, job_id) = (uri.to_owned(), job_id.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut worker = Client::connect(uri).await.expect("connect");
+            worker
+                .harmonize_norms(&job_id, step, rank as u32, &norms, None)
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(
+            bounded("a step", task)
+                .await
+                .expect("task")
+                .expect("applied")
+                .0,
+        );
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies_none_twice() {
+    let data_dir = std::env::temp_dir().join(format!("ghmd-faults-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let first = Daemon::start(&data_dir).await;
+    let mut client = Client::connect(first.uri.clone()).await.expect("connect");
+    client
+        .create_job("restart/sync", spec(2, Duration::from_secs(3)))
+        .await
+        .expect("create");
+    client
+        .create_job("restart/async", spec(1, Duration::from_secs(3)))
+        .await
+        .expect("create");
+    for step in 0..3 {
+        both_ranks(&first.uri, "restart/sync", step).await;
+        client
+            .harmonize_norms("restart/async", step, 0, &shard(step as u32), None)
+            .await
+            .expect("async step");
+    }
+    // Rank 0 sends step 3 and waits for rank 1, which has not sent it when the server stops.
+    let waiting = {
+        let (uri, norms) = (first.uri.clone(), step_shards(3).swap_remove(0));
+        tokio::spawn(async move {
+            let mut worker = Client::connect(uri).await.expect("connect");
+            worker
+                .harmonize_norms("restart/sync", 3, 0, &norms, None)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.stop().await;
+    let status = bounded("the request waiting across the stop", waiting)
+        .await
+        .expect("task")
+        .expect_err("step 3 never completed");
+    assert!(
+        matches!(status.code(), Code::Aborted | Code::Unavailable),
+        "{status:?}"
+    );
+
+    let second = Daemon::start(&data_dir).await;
+    let mut client = Client::connect(second.uri.clone()).await.expect("connect");
+    // Every acknowledged step is there, bit for bit what one process would hold.
+    let mut reference = Client::connect(second.uri.clone()).await.expect("connect");
+    reference
+        .create_job("restart/reference", spec(1, Duration::from_secs(3)))
+        .await
+        .expect("reference");
+    let mut expected = Vec::new();
+    for step in 0..3 {
+        expected = reference
+            .harmonize_norms(
+                "restart/reference",
+                step,
+                0,
+                &step_shards(step).concat(),
+                None,
+            )
+            .await
+            .expect("reference step")
+            .0
+            .acc_sum;
+    }
+    let state = client
+        .get_job("restart/sync")
+        .await
+        .expect("get")
+        .state
+        .expect("state");
+    assert_eq!((state.steps, state.next_step), (3, 3));
+    assert_eq!(bits(&state.acc_sum), bits(&expected));
+    let state = client
+        .get_job("restart/async")
+        .await
+        .expect("get")
+        .state
+        .expect("state");
+    assert_eq!(state.steps, 3);
+
+    // A late retry of an applied step is refused, not applied again.
+    let status = client
+        .harmonize_norms("restart/sync", 2, 1, &step_shards(2)[1], None)
+        .await
+        .expect_err("step 2 was applied before the restart");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // The interrupted step, sent again by both ranks, applies once.
+    let answers = both_ranks(&second.uri, "restart/sync", 3).await;
+    let expected = reference
+        .harmonize_norms("restart/reference", 3, 0, &step_shards(3).concat(), None)
+        .await
+        .expect("reference step")
+        .0;
+    for answer in &answers {
+        assert_eq!(bits(&answer.acc_sum), bits(&expected.acc_sum));
+        assert_eq!(bits(&answer.bin_weights), bits(&expected.bin_weights));
+    }
+    let state = client
+        .get_job("restart/sync")
+        .await
+        .expect("get")
+        .state
+        .expect("state");
+    assert_eq!((state.steps, state.next_step), (4, 4));
+    second.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

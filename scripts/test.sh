@@ -21,3 +21,5 @@ ghmd_bin="$PWD/target/release/ghmd"
 # run at once without sharing ./ghmd-data or 127.0.0.1:9464.
 (cd clients/python && GHMD_BIN="$ghmd_bin" GHMD_IN_MEMORY=true GHMD_METRICS_LISTEN=127.0.0.1:0 \
   "$venv/bin/python" -m pytest)
+echo "== operations: deploy files, promtool, a Prometheus server scraping ghmd"
+scripts/ops-checks.sh

@@ -1253,3 +1253,38 @@ async fn a_client_that_opens_many_streams_and_never_reads_cannot_take_the_server
     still_serving(&server).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_timed_out_step_of_the_largest_world_names_its_missing_ranks_briefly() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let spec = JobSpec {
+        world_size: 65536,
+        step_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        ..ghm_c(10, 0.75)
+    };
+    client
+        .create_job("h/huge-world", spec)
+        .await
+        .expect("create");
+    let status = client
+        .harmonize_norms("h/huge-world", 0, 7, &[0.5], None)
+        .await
+        .expect_err("65,535 ranks are missing");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("0, 1, 2") && status.message().contains("and 65519 more"),
+        "{:?}",
+        status.message()
+    );
+    assert!(
+        status.message().len() < 600,
+        "{} bytes",
+        status.message().len()
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}

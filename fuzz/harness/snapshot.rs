@@ -49,10 +49,13 @@ pub fn run(data: &[u8]) -> Outcome {
     let Ok(jobs) = decode(&bytes) else {
         return Outcome::Refused;
     };
-    let again = decode(&encode(&jobs));
+    // Compared as bytes: a NaN in a density (which the registry refuses below) is not equal to
+    // itself, but its bits must survive.
+    let encoded = encode(&jobs);
+    let again = decode(&encoded).map(|jobs| encode(&jobs));
     assert_eq!(
         again.as_ref().ok(),
-        Some(&jobs),
+        Some(&encoded),
         "a round trip changed the jobs"
     );
 

@@ -94,8 +94,7 @@ pub fn spec_from_proto(
     })
 }
 
-/// More ranks than any training cluster has; it bounds what one step may hold.
-pub const MAX_WORLD_SIZE: u32 = 65536;
+pub use crate::jobs::MAX_WORLD_SIZE;
 
 pub fn check_world_size(field: &str, world_size: u32) -> Result<(), Status> {
     if world_size > MAX_WORLD_SIZE {

@@ -168,6 +168,20 @@ impl Job {
         context: Arc<JobContext>,
     ) -> Result<Self, JobError> {
         check_acc_sum(&snapshot.id, &snapshot.acc_sum, snapshot.spec.ghm.bins())?;
+        // A state file is input too: a world size past the API's limit would make every step
+        // of the job list billions of missing ranks (the fuzzer found it).
+        if let Some(world_size) = std::iter::once(snapshot.spec.world_size)
+            .chain(snapshot.world_size_schedule.iter().map(|c| c.world_size))
+            .find(|&w| w > super::MAX_WORLD_SIZE)
+        {
+            return Err(JobError::InvalidRequest {
+                id: snapshot.id.clone(),
+                reason: format!(
+                    "world_size = {world_size}: must be at most {}",
+                    super::MAX_WORLD_SIZE
+                ),
+            });
+        }
         let sync = snapshot.spec.is_step_synchronous().then(|| {
             Box::new(SyncState::new(
                 snapshot.spec.world_size,

@@ -18,4 +18,4 @@ pub use job::{
 };
 pub use observer::{NoObserver, StepObserver};
 pub use registry::{ListPage, Registry, RegistryLimits};
-pub use spec::{JobSpec, MAX_JOB_ID_LEN, validate_job_id};
+pub use spec::{JobSpec, MAX_JOB_ID_LEN, MAX_WORLD_SIZE, validate_job_id};

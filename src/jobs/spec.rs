@@ -6,6 +6,9 @@ use crate::ghm;
 /// The most characters a job id may have.
 pub const MAX_JOB_ID_LEN: usize = 128;
 
+/// More ranks than any training cluster has; it bounds what one step may hold.
+pub const MAX_WORLD_SIZE: u32 = 65536;
+
 /// Everything a job is created with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSpec {

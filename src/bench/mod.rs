@@ -313,6 +313,10 @@ fn checks(report: &Report) -> Vec<Check> {
     checks
 }
 
+fn optional(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
 fn ms(latency: &stats::Latency) -> String {
     format!("{:.3} / {:.3}", latency.p50_ms, latency.p99_ms)
 }
@@ -341,43 +345,65 @@ fn table(report: &Report) -> String {
         );
         let _ = writeln!(
             out,
-            "{:>5} {:>14} {:>17} {:>14} {:>17} {:>7}",
-            "conns", "ghmd elem/s", "ghmd p50/p99", "echo elem/s", "echo p50/p99", "ratio"
+            "{:>5} {:>14} {:>17} {:>14} {:>17} {:>7} {:>13}",
+            "conns",
+            "ghmd elem/s",
+            "ghmd p50/p99",
+            "echo elem/s",
+            "echo p50/p99",
+            "ratio",
+            "srv cpu ms/req"
         );
         for p in points {
             let _ = writeln!(
                 out,
-                "{:>5} {:>14.3e} {:>17} {:>14.3e} {:>17} {:>7.3}",
+                "{:>5} {:>14.3e} {:>17} {:>14.3e} {:>17} {:>7.3} {:>13}",
                 p.connections,
                 p.ghmd.elements_per_second,
                 ms(&p.ghmd.latency),
                 p.echo.elements_per_second,
                 ms(&p.echo.latency),
-                p.ratio
+                p.ratio,
+                optional(p.ghmd.server_cpu_ms_per_request, 2)
             );
         }
     }
     if let Some(small) = &report.small {
         let _ = writeln!(
             out,
-            "\nsmall: histogram requests (bins {}) vs grpc.health.v1.Health/Check; p50 / p99 in ms",
+            "\nsmall: histogram requests (bins {}) vs grpc.health.v1.Health/Check; p50 / p99 in \
+             ms; server CPU per request, histogram / health",
             small::BINS
         );
         let _ = writeln!(
             out,
-            "{:>5} {:>12} {:>17} {:>12} {:>17} {:>7}",
-            "conc", "hist req/s", "hist p50/p99", "health req/s", "health p50/p99", "ratio"
+            "{:>5} {:>12} {:>17} {:>12} {:>17} {:>7} {:>15}",
+            "conc",
+            "hist req/s",
+            "hist p50/p99",
+            "health req/s",
+            "health p50/p99",
+            "ratio",
+            "srv cpu us/req"
         );
         for p in &small.points {
+            let cpu = match (
+                p.histogram.server_cpu_us_per_request,
+                p.health.server_cpu_us_per_request,
+            ) {
+                (Some(histogram), Some(health)) => format!("{histogram:.0} / {health:.0}"),
+                _ => "-".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "{:>5} {:>12.0} {:>17} {:>12.0} {:>17} {:>7.3}",
+                "{:>5} {:>12.0} {:>17} {:>12.0} {:>17} {:>7.3} {:>15}",
                 p.concurrency,
                 p.histogram.requests_per_second,
                 ms(&p.histogram.latency),
                 p.health.requests_per_second,
                 ms(&p.health.latency),
-                p.ratio
+                p.ratio,
+                cpu
             );
         }
         let half = &small.half_rate;

@@ -40,14 +40,19 @@ pub struct Throughput {
     pub elements_per_second: f64,
     pub requests: u64,
     pub latency: Latency,
+    /// CPU time the server spent per request (only for a server the bench started): a figure
+    /// that, unlike the rates, does not depend on what else the machine is doing.
+    pub server_cpu_ms_per_request: Option<f64>,
 }
 
 impl Throughput {
-    fn of(run: &Run, elements_per_request: usize) -> Self {
+    fn of(run: &Run, elements_per_request: usize, server_cpu: Option<Duration>) -> Self {
         Self {
             elements_per_second: run.per_second() * elements_per_request as f64,
             requests: run.requests,
             latency: run.latency.clone(),
+            server_cpu_ms_per_request: server_cpu
+                .map(|cpu| cpu.as_secs_f64() * 1e3 / run.requests.max(1) as f64),
         }
     }
 }
@@ -76,7 +81,9 @@ pub async fn run(
         for worker in &mut workers {
             worker.call().await?;
         }
+        let cpu_before = target.server_cpu()?;
         let ghmd = closed_loop(workers, duration).await?;
+        let server_cpu = cpu_used(cpu_before, target.server_cpu()?);
 
         let mut echoes = Vec::new();
         for _ in 0..connections {
@@ -88,8 +95,8 @@ pub async fn run(
         let baseline = closed_loop(echoes, duration).await?;
 
         let (ghmd, echo) = (
-            Throughput::of(&ghmd, elements),
-            Throughput::of(&baseline, elements),
+            Throughput::of(&ghmd, elements, server_cpu),
+            Throughput::of(&baseline, elements, None),
         );
         points.push(RawPoint {
             connections,
@@ -100,6 +107,11 @@ pub async fn run(
         });
     }
     Ok(points)
+}
+
+/// The CPU time a started server used between two readings.
+pub fn cpu_used(before: Option<Duration>, after: Option<Duration>) -> Option<Duration> {
+    Some(after?.saturating_sub(before?))
 }
 
 struct RawWorker {

@@ -10,6 +10,7 @@ use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use super::raw::cpu_used;
 use super::stats::{Call, Latency, Run, closed_loop};
 use super::target::Target;
 use super::{BenchError, JobNames, create_job, rpc};
@@ -40,13 +41,17 @@ pub struct SmallPoint {
 pub struct Rate {
     pub requests_per_second: f64,
     pub latency: Latency,
+    /// CPU time the server spent per request, in microseconds (a server the bench started).
+    pub server_cpu_us_per_request: Option<f64>,
 }
 
-impl From<&Run> for Rate {
-    fn from(run: &Run) -> Self {
+impl Rate {
+    fn of(run: &Run, server_cpu: Option<Duration>) -> Self {
         Self {
             requests_per_second: run.per_second(),
             latency: run.latency.clone(),
+            server_cpu_us_per_request: server_cpu
+                .map(|cpu| cpu.as_secs_f64() * 1e6 / run.requests.max(1) as f64),
         }
     }
 }
@@ -116,9 +121,13 @@ pub async fn run(
                 client: target.health(channels[i % CONNECTIONS].clone()),
             })
             .collect();
+        let cpu_start = target.server_cpu()?;
         let histograms = closed_loop(histogram_workers, duration).await?;
+        let cpu_between = target.server_cpu()?;
         let health = closed_loop(health_workers, duration).await?;
-        let (histogram_rate, health_rate) = (Rate::from(&histograms), Rate::from(&health));
+        let cpu_end = target.server_cpu()?;
+        let histogram_rate = Rate::of(&histograms, cpu_used(cpu_start, cpu_between));
+        let health_rate = Rate::of(&health, cpu_used(cpu_between, cpu_end));
         let rate = histogram_rate.requests_per_second;
         points.push(SmallPoint {
             concurrency,

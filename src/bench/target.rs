@@ -96,6 +96,15 @@ impl Target {
         }
     }
 
+    /// The CPU time (user + system) the started server has used so far; `None` for a
+    /// `--target`. Its resolution is the kernel's USER_HZ, 10 ms.
+    pub fn server_cpu(&self) -> Result<Option<Duration>, BenchError> {
+        match &self.server {
+            Some(server) => cpu_time(server.child.id()).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// A new HTTP/2 connection.
     pub async fn connect(&self) -> Result<Channel, BenchError> {
         Endpoint::from_shared(self.uri.clone())
@@ -218,6 +227,25 @@ fn resident_bytes(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| BenchError::Memory(format!("{path} has no VmRSS line")))
 }
 
+/// utime + stime of a process, from /proc/<pid>/stat, in USER_HZ ticks (100 per second on
+/// every Linux architecture this runs on).
+fn cpu_time(pid: u32) -> Result<Duration, BenchError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)
+        .map_err(|e| BenchError::Memory(format!("cannot read {path}: {e}")))?;
+    // The command name, field 2, is in parentheses and may hold spaces: count from after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15, that is 11 and 12 after the state (field 3).
+    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok(Duration::from_millis((user + system) * 10)),
+        _ => Err(BenchError::Memory(format!("{path} has no utime and stime"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +255,21 @@ mod tests {
         let rss = resident_bytes(std::process::id()).unwrap();
         // A Rust test binary has at least a megabyte resident and far less than the machine.
         assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    }
+
+    #[test]
+    fn the_cpu_time_of_this_process_grows_as_it_works() {
+        let before = cpu_time(std::process::id()).unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = cpu_time(std::process::id()).unwrap();
+        assert!(
+            after >= before + Duration::from_millis(50),
+            "{before:?} -> {after:?}"
+        );
     }
 
     #[tokio::test]

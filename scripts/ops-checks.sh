@@ -46,8 +46,9 @@ cargo build --locked --quiet --bin ghmd --example ops_traffic
 ./target/debug/ghmd serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --in-memory \
   --job-metrics --log-format json 2>"$work/ghmd.log" &
 pids+=($!)
-logged_addr() { # the addr field of the JSON log line whose message is $1
-  grep -F "\"message\":\"$1\"" "$work/ghmd.log" | head -n1 | sed -E 's/.*"addr":"([^"]+)".*/\1/'
+logged_addr() { # the addr field of the JSON log line whose message is $1; empty until logged
+  { grep -F "\"message\":\"$1\"" "$work/ghmd.log" || true; } | head -n1 |
+    sed -E 's/.*"addr":"([^"]+)".*/\1/'
 }
 for _ in $(seq 100); do
   grpc=$(logged_addr "ghmd serving gRPC")

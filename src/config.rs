@@ -113,6 +113,23 @@ pub struct HealthConfig {
     /// How long to wait for the answer, connecting included.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     pub timeout: Duration,
+
+    /// For a server started with --tls-cert: the PEM CA that signed its certificate. The check
+    /// then speaks TLS.
+    #[arg(long, env = "GHMD_HEALTH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The name the server's certificate holds, when it is not the host of --addr.
+    #[arg(long, env = "GHMD_HEALTH_TLS_DOMAIN", requires = "tls_ca")]
+    pub tls_domain: Option<String>,
+
+    /// For a server started with --tls-client-ca: this client's PEM certificate...
+    #[arg(long, env = "GHMD_HEALTH_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// ...and its PEM private key.
+    #[arg(long, env = "GHMD_HEALTH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -38,8 +38,6 @@ pub enum ServeError {
     State(#[from] PersistError),
     #[error("the state file {path} holds a job that cannot be restored: {reason}")]
     Restore { path: String, reason: String },
-    #[error("metrics listener: {0}")]
-    Metrics(std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]

@@ -325,3 +325,62 @@ async fn step_synchronous_waits_timeouts_and_partial_steps_are_measured() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_turns_503_as_soon_as_a_shutdown_begins() {
+    let mut config = ghmd::config::ServeConfig::from_env();
+    config.listen = "127.0.0.1:0".parse().expect("address");
+    config.metrics_listen = "127.0.0.1:0".parse().expect("address");
+    config.in_memory = true;
+    config.shutdown_grace = std::time::Duration::from_secs(10);
+    let server = ghmd::server::Server::bind(config).await.expect("bind");
+    let (addr, metrics_addr) = (server.local_addr(), server.metrics_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let mut client = ghmd::client::Client::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (status, _, _) = http_get(metrics_addr, "/readyz", None).await;
+    assert_eq!(status, 200);
+
+    // A step-synchronous request that waits (for a rank that never comes) keeps the server in
+    // its shutdown grace for a while after the signal.
+    let spec = JobSpec {
+        world_size: 2,
+        step_timeout: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..ghm_c(10, 0.75)
+    };
+    client.create_job("w", spec).await.expect("create");
+    let waiting =
+        tokio::spawn(async move { client.harmonize_norms("w", 0, 0, &[0.5], None).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.send(()).expect("signal");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (status, _, body) = http_get(metrics_addr, "/readyz", None).await;
+        if status == 503 {
+            assert_eq!(body, "not ready\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still ready after the signal"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Liveness is unaffected while the in-flight request finishes.
+    let (status, _, _) = http_get(metrics_addr, "/healthz", None).await;
+    assert_eq!(status, 200);
+    let answer = waiting
+        .await
+        .expect("task")
+        .expect_err("aborted: rank 1 never came");
+    assert_eq!(answer.code(), tonic::Code::Aborted);
+    running.await.expect("task").expect("clean stop");
+}

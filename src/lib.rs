@@ -7,6 +7,7 @@
 // worker thread (or the process) down. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod bench;

@@ -13,6 +13,8 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Serve(config) => {
             ghmd::telemetry::init(config.log_format);
+            let allocator = ghmd::allocator::keep_large_buffers();
+            tracing::info!(?allocator, "malloc thresholds for large request buffers");
             match ghmd::server::serve(config, ghmd::server::shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

@@ -118,6 +118,37 @@ fn weigh_binning_twice(edges: &BinEdges, density: &mut Density, batch: &Batch) -
     ghm::write_weights(edges, &table, norms, label_weights)
 }
 
+/// The server's work split over two threads: each half is binned and weighed on its own
+/// core, the counts added in between. What splitting a large batch across cores could gain;
+/// timed by the wall clock only (CPU time is per thread).
+fn weigh_on_two_threads(edges: &BinEdges, density: &mut Density, batch: &Batch) -> Vec<u8> {
+    let half = batch.norms.len() / 8 * 4;
+    let (norms, weights) = (
+        batch.norms.split_at(half),
+        batch.label_weights.split_at(half),
+    );
+    let bin = |norms: &[u8], weights: &[u8]| {
+        let (norms, weights) =
+            ghm::float32_views(norms, InputField::GradientNorms, Some(weights)).expect("valid");
+        ghm::bin_batch(Loss::GhmC, edges, norms, InputField::GradientNorms, weights)
+            .expect("the batch is valid")
+    };
+    let (first, second) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| bin(norms.0, weights.0));
+        let second = bin(norms.1, weights.1);
+        (first.join().expect("no panic"), second)
+    });
+    let mut counts = first.counts().clone();
+    counts.add(second.counts());
+    let table = density.step(MOMENTUM, &counts);
+    let (mut out, rest) = std::thread::scope(|scope| {
+        let rest = scope.spawn(|| second.write_weights(&table));
+        (first.write_weights(&table), rest.join().expect("no panic"))
+    });
+    out.extend_from_slice(&rest);
+    out
+}
+
 /// Per-iteration wall and CPU times of every routine, kept beside criterion's own report so
 /// that the ratios can be printed at the end.
 #[derive(Default)]
@@ -184,6 +215,13 @@ fn kernel_benches(c: &mut Criterion) {
                 })
             })
         });
+        group.bench_function(BenchmarkId::new("two_threads", size), |b| {
+            b.iter_custom(|iters| {
+                timed(size, "two_threads", iters, || {
+                    weigh_on_two_threads(&edges, &mut density, black_box(&batch))
+                })
+            })
+        });
         if size == SIZES[0] {
             group.bench_function(BenchmarkId::new("binning_twice", size), |b| {
                 b.iter_custom(|iters| {
@@ -238,6 +276,15 @@ fn print_ratios() {
             println!(
                 "{size:>10} {clock:>5} {kernel_rate:>14.3e} {copy_rate:>14.3e} {ratio:>12.3} {:>8}  {target}",
                 kernel.len()
+            );
+        }
+    }
+    for size in SIZES {
+        if let Some(two) = times.get(&(size, "two_threads")) {
+            println!(
+                "{size:>10} {:>5} {:>14.3e}  split over two threads (wall clock only)",
+                "wall",
+                size as f64 / median(&two.wall).as_secs_f64()
             );
         }
     }

@@ -368,7 +368,8 @@ impl Job {
         missing_ranks: Vec<u32>,
     ) -> Arc<AppliedStep> {
         let table = state.density.step(self.ghm.momentum(), counts);
-        state.steps += 1;
+        // Saturating like `elements`: a restored or loaded job may start at u64::MAX.
+        state.steps = state.steps.saturating_add(1);
         state.elements = state.elements.saturating_add(counts.valid_elements());
         state.update_time = SystemTime::now();
         let acc_sum = if self.ghm.uses_ema() {

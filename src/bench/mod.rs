@@ -464,7 +464,7 @@ fn table(report: &Report) -> String {
         for c in &report.checks {
             let _ = writeln!(
                 out,
-                "  {:<58} {:>10.3}  {:<8} {}",
+                "  {:<58} {:>10.4}  {:<8} {}",
                 c.what,
                 c.value,
                 c.target,

@@ -194,14 +194,16 @@ fn timed(
     wall
 }
 
-fn kernel_benches(c: &mut Criterion) {
+/// `sizes` are [`SIZES`] when measuring; `cargo test` runs every routine once on small
+/// batches, since it builds without optimisations.
+fn kernel_benches(c: &mut Criterion, sizes: [usize; 2]) {
     let edges = BinEdges::new(Loss::GhmC, BINS);
-    for size in SIZES {
+    for size in sizes {
         let batch = realistic_batch(size);
         let mut density = Density::new(BINS);
         let mut group = c.benchmark_group(format!("ghm_c_{}", size));
         group.throughput(Throughput::Elements(size as u64));
-        if size > 1_000_000 {
+        if size > SIZES[0] {
             group.sample_size(20);
             group.measurement_time(Duration::from_secs(8));
         }
@@ -222,7 +224,7 @@ fn kernel_benches(c: &mut Criterion) {
                 })
             })
         });
-        if size == SIZES[0] {
+        if size == sizes[0] {
             group.bench_function(BenchmarkId::new("binning_twice", size), |b| {
                 b.iter_custom(|iters| {
                     timed(size, "binning_twice", iters, || {
@@ -318,11 +320,15 @@ fn main() {
         profile(iterations);
         return;
     }
+    let measuring = std::env::args().any(|arg| arg == "--bench");
     let mut criterion = Criterion::default().configure_from_args();
-    kernel_benches(&mut criterion);
+    kernel_benches(
+        &mut criterion,
+        if measuring { SIZES } else { [10_000, 160_000] },
+    );
     criterion.final_summary();
-    // Only a real measurement has numbers worth a ratio; `cargo test` runs each routine once.
-    if std::env::args().any(|arg| arg == "--bench") {
+    // Only a real measurement has numbers worth a ratio.
+    if measuring {
         print_ratios();
     }
 }

@@ -1,6 +1,6 @@
 //! `jobs`: the memory an idle job costs: the server's resident set before and after creating
 //! many jobs (bins 30, never stepped), divided by their number. Only for a server the bench
-//! started, whose /proc/<pid>/status it can read, and that has served nothing else before.
+//! started, whose `/proc/<pid>/status` it can read, and that has served nothing else before.
 
 use std::time::Duration;
 

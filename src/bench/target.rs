@@ -227,7 +227,7 @@ fn resident_bytes(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| BenchError::Memory(format!("{path} has no VmRSS line")))
 }
 
-/// utime + stime of a process, from /proc/<pid>/stat, in USER_HZ ticks (100 per second on
+/// utime + stime of a process, from `/proc/<pid>/stat`, in USER_HZ ticks (100 per second on
 /// every Linux architecture this runs on).
 fn cpu_time(pid: u32) -> Result<Duration, BenchError> {
     let path = format!("/proc/{pid}/stat");

@@ -574,13 +574,14 @@ mod tests {
             let mut w = vec![1.0f32; 10_000];
             w[index] = -1.0;
             let result = bin_batch(Loss::GhmC, &edges, &le(&g), field, Some(&le(&w)));
-            assert!(
-                matches!(
-                    result,
-                    Err(InputError::BadValue { field: InputField::LabelWeights, index: i, .. }) if i == index
-                ),
-                "{result:?}"
-            );
+            match result {
+                Err(InputError::BadValue {
+                    field: InputField::LabelWeights,
+                    index: reported,
+                    ..
+                }) => assert_eq!(reported, index),
+                other => panic!("label weight -1 at {index}: {other:?}"),
+            }
         }
     }
 }

@@ -307,7 +307,8 @@ impl Level {
 #[cfg(test)]
 thread_local! {
     /// Tests cap the level to check every variant this CPU can run.
-    pub(super) static LEVEL_CAP: std::cell::Cell<Level> = const { std::cell::Cell::new(Level::Avx512) };
+    pub(super) static LEVEL_CAP: std::cell::Cell<Level> =
+        const { std::cell::Cell::new(Level::Avx512) };
 }
 
 /// Runs `kernel` compiled for the widest vector instructions this CPU has. The kernels are

@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# On a fresh machine this installs what the sections below need; afterwards it is a no-op.
+scripts/setup.sh
+export PATH="$HOME/.cache/ghmd-ci/cargo-fuzz/bin:$PATH"
+export GHMD_FUZZ_TARGET_DIR="${GHMD_FUZZ_TARGET_DIR:-$HOME/.cache/ghmd-ci/fuzz-target}"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

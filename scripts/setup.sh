@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what scripts/test.sh needs on a fresh machine, and does nothing that is already done:
+# rustfmt and clippy; openssl (the Python client's TLS test certificates); Debian's prometheus
+# (promtool and a real Prometheus server) and curl; the Python test environment and the
+# operations tools, each in a virtual environment outside the clone, keyed by its pinned
+# requirements; cargo-fuzz, built once under ~/.cache/ghmd-ci. Needs root for apt-get, as on CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== apt-get install ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+scripts/python-venv.sh >/dev/null
+scripts/ops-venv.sh >/dev/null
+fuzz_root="$HOME/.cache/ghmd-ci/cargo-fuzz"
+if [ ! -x "$fuzz_root/bin/cargo-fuzz" ]; then
+  echo "== cargo install cargo-fuzz (once)" >&2
+  cargo install cargo-fuzz --locked --quiet --root "$fuzz_root"
+fi

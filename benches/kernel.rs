@@ -30,43 +30,19 @@ struct Batch {
     label_weights: Vec<u8>,
 }
 
-/// splitmix64: a deterministic generator, so that every run weighs the same batch.
-struct SplitMix(u64);
+#[path = "../src/synthetic.rs"]
+mod synthetic;
 
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+use synthetic::{SplitMix, realistic_norm};
 
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-/// What a single-stage detector's GHM-C sees: g = |sigmoid(x) - y| is tiny for the flood of easy
-/// negatives (95%), the rest spread over [0, 1] with a few exact 0s and 1s; 3% of the anchors
-/// are ignored (label weight 0).
+/// What a single-stage detector's GHM-C sees (see [`realistic_norm`]); 3% of the anchors are
+/// ignored (label weight 0).
 fn realistic_batch(elements: usize) -> Batch {
     let mut rng = SplitMix(0x6768_6d64);
     let mut norms = Vec::with_capacity(elements * 4);
     let mut label_weights = Vec::with_capacity(elements * 4);
     for _ in 0..elements {
-        let pick = rng.unit();
-        let g = if pick < 0.95 {
-            let logit = -4.0 - 6.0 * rng.unit();
-            1.0 / (1.0 + (-logit).exp())
-        } else if pick < 0.951 {
-            0.0
-        } else if pick < 0.952 {
-            1.0
-        } else {
-            rng.unit()
-        };
+        let g = realistic_norm(&mut rng);
         let weight = if rng.unit() < 0.03 { 0.0f32 } else { 1.0 };
         norms.extend_from_slice(&g.to_le_bytes());
         label_weights.extend_from_slice(&weight.to_le_bytes());

@@ -1,136 +1,11 @@
-//! Every knob of ghmd: a flag, an environment variable, a default, and a line in the README.
+//! Every knob of `ghmd serve`: a flag, an environment variable, a default, and a line in the
+//! README. The flags of the binary's other commands (`bench`, `health`) live with them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::TypedValueParser as _;
-use clap::{Parser, Subcommand, ValueEnum};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "ghmd",
-    version,
-    about = "Gradient Harmonizing Mechanism weights as a gRPC service"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-// Parsed once per process: the size of the serve variant costs nothing worth a Box.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Run the gRPC server.
-    Serve(ServeConfig),
-    /// Ask a ghmd's gRPC health service whether it serves; exit 0 if it does, 1 if not. For
-    /// container HEALTHCHECKs and exec probes, so that the image needs no other binary.
-    Health(HealthConfig),
-    /// Measure a ghmd (the given --target, or one started on a free loopback port) against
-    /// baselines measured in the same run: see BENCHMARKS.md.
-    Bench(BenchArgs),
-}
-
-/// A measurement of `ghmd bench`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BenchMode {
-    /// 1M-element requests on 1 and 4 connections, against a TCP echo of the same bytes.
-    Raw,
-    /// Histogram requests at rising concurrency, against the gRPC health check.
-    Small,
-    /// Rounds of step-synchronous jobs of 2, 4 and 8 ranks.
-    Steps,
-    /// Resident memory per idle job (only on a server the bench starts).
-    Jobs,
-}
-
-#[derive(Parser, Debug, Clone)]
-pub struct BenchArgs {
-    /// The server to measure, e.g. http://127.0.0.1:50051. Without it the bench starts
-    /// `ghmd serve --in-memory` on a free loopback port, and stops it at the end.
-    #[arg(long, env = "GHMD_BENCH_TARGET")]
-    pub target: Option<String>,
-
-    /// The measurements to run, comma-separated.
-    #[arg(long = "mode", value_enum, value_delimiter = ',', default_values_t = [BenchMode::Raw, BenchMode::Small, BenchMode::Steps, BenchMode::Jobs])]
-    pub modes: Vec<BenchMode>,
-
-    /// Print the report as JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Bearer token, for a server started with --tokens-file.
-    #[arg(long, env = "GHMD_BENCH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-
-    /// How long each measured point runs.
-    #[arg(long, value_parser = parse_positive_duration, default_value = "2s")]
-    pub duration: Duration,
-
-    /// Gradient norms per raw request.
-    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
-    pub raw_elements: usize,
-
-    /// The highest concurrency the small mode climbs to.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize))]
-    pub max_concurrency: usize,
-
-    /// Jobs the memory measurement creates.
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000).map(|n| n as usize))]
-    pub jobs: usize,
-
-    /// Allow a --target that is not on this machine's loopback interface. The bench is a load
-    /// test: point it only at a server you may load.
-    #[arg(long)]
-    pub allow_remote: bool,
-
-    /// An argument added to the `ghmd serve` the bench starts, e.g.
-    /// --server-arg=--offload-elements=0; repeatable.
-    #[arg(long = "server-arg", allow_hyphen_values = true)]
-    pub server_args: Vec<String>,
-
-    /// The ghmd binary the bench starts when there is no --target; default: this one.
-    #[arg(long)]
-    pub server_binary: Option<PathBuf>,
-}
-
-#[derive(Parser, Debug, Clone)]
-pub struct HealthConfig {
-    /// The server to ask: a URI or host:port.
-    #[arg(
-        long,
-        env = "GHMD_HEALTH_ADDR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub addr: String,
-
-    /// The service whose status to ask for; the empty string asks about the server as a whole.
-    #[arg(long, default_value = "ghm.v1.Harmonizer")]
-    pub service: String,
-
-    /// How long to wait for the answer, connecting included.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
-    pub timeout: Duration,
-
-    /// For a server started with --tls-cert: the PEM CA that signed its certificate. The check
-    /// then speaks TLS.
-    #[arg(long, env = "GHMD_HEALTH_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-
-    /// The name the server's certificate holds, when it is not the host of --addr.
-    #[arg(long, env = "GHMD_HEALTH_TLS_DOMAIN", requires = "tls_ca")]
-    pub tls_domain: Option<String>,
-
-    /// For a server started with --tls-client-ca: this client's PEM certificate...
-    #[arg(long, env = "GHMD_HEALTH_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
-    pub tls_cert: Option<PathBuf>,
-
-    /// ...and its PEM private key.
-    #[arg(long, env = "GHMD_HEALTH_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-}
+use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -256,8 +131,8 @@ pub struct ServeConfig {
     pub in_memory: bool,
 }
 
-/// A zero interval would make the snapshot task spin.
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+/// A zero interval would make the snapshot task spin (and a zero bench point measure nothing).
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(duration) if duration.is_zero() => Err("must be longer than 0".to_owned()),
         Ok(duration) => Ok(duration),

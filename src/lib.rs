@@ -1,7 +1,8 @@
 //! ghmd: Gradient Harmonizing Mechanism weights as a service.
 //!
 //! `ghm` is the math, `jobs` the per-job state, `api` the gRPC surface, `server` the wiring;
-//! `metrics`, `persist` and `http` make it operable.
+//! `metrics`, `persist` and `probes` make it operable; `client` is a typed client. The binary's
+//! `bench` and `health` commands are not part of the library (see ARCHITECTURE.md).
 
 // No panic on a request path: a hostile or unlucky request must get a status, never take a
 // worker thread (or the process) down. Tests may unwrap.
@@ -10,19 +11,21 @@
 pub mod allocator;
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod ghm;
-pub mod health;
-pub mod http;
 pub mod jobs;
 pub mod limit;
 pub mod metrics;
 pub mod persist;
+pub mod probes;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
+
+#[cfg(test)]
+mod synthetic;
 
 /// The generated code of `proto/ghm/v1/ghm.proto`.
 pub mod proto {

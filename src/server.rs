@@ -3,29 +3,25 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::HarmonizerService;
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::config::ServeConfig;
-use crate::http::Readiness;
 use crate::jobs::{Registry, RegistryLimits};
 use crate::limit::ConcurrencyLimitLayer;
 use crate::metrics::{Exposition, GrpcMetricsLayer, JobDensity, Metrics};
 use crate::persist::{PersistError, Snapshotter, Store};
+use crate::probes::Readiness;
 use crate::proto::harmonizer_server::HarmonizerServer;
-
-/// A client that opens a TCP connection and never finishes its TLS handshake is dropped after
-/// this long, so idle sockets cannot pile up.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -44,14 +40,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Tokens(#[from] TokensError),
-    #[error("cannot read {what} {path}: {source}")]
-    TlsFile {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("TLS: {0}")]
-    Tls(tonic::transport::Error),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A server that has bound its port but not started serving, so that a caller (a test binding
@@ -169,7 +159,7 @@ impl Server {
 
         let readiness = Readiness::default();
         let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let http = tokio::spawn(crate::http::serve(
+        let http = tokio::spawn(crate::probes::serve(
             metrics_listener,
             exposition,
             readiness.clone(),
@@ -250,7 +240,9 @@ impl Server {
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(config.max_streams_per_connection);
         if let Some(tls) = tls {
-            builder = builder.tls_config(tls).map_err(ServeError::Tls)?;
+            builder = builder
+                .tls_config(tls)
+                .map_err(|error| ServeError::Tls(TlsError::Config(error)))?;
         }
         // Outermost, so that what the layers below refuse is counted too.
         let metrics_layer = GrpcMetricsLayer::new(
@@ -316,31 +308,11 @@ impl Server {
     }
 }
 
-fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, ServeError> {
-    std::fs::read(path).map_err(|source| ServeError::TlsFile {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn tls_config(config: &ServeConfig) -> Result<Option<ServerTlsConfig>, ServeError> {
+fn tls_config(config: &ServeConfig) -> Result<Option<ServerTlsConfig>, TlsError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
-    let mut tls = ServerTlsConfig::new()
-        .identity(identity)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
-    if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read_pem("--tls-client-ca", ca)?));
-    }
-    // Parse the files now, so that a bad certificate or key stops the start-up with its reason
-    // instead of failing every handshake later.
-    tonic::transport::Server::builder()
-        .tls_config(tls.clone())
-        .map_err(ServeError::Tls)?;
-    Ok(Some(tls))
+    tls::server_config(cert, key, config.tls_client_ca.as_deref()).map(Some)
 }
 
 /// Aborts a background task when the server that owns it stops.

@@ -2,11 +2,14 @@
 //! The figures themselves live in BENCHMARKS.md, not in tests.
 
 mod common;
+// The bench is a command of the binary, not of the library: compiled here from its source.
+#[allow(dead_code)]
+#[path = "../src/bench/mod.rs"]
+mod bench;
 
+use bench::{BenchArgs, JobsOutcome, StepsReport};
 use clap::Parser;
 use common::TestServer;
-use ghmd::bench::{JobsOutcome, StepsReport};
-use ghmd::config::BenchArgs;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_target_every_mode_reports_and_no_job_is_left_behind() {
@@ -23,7 +26,7 @@ async fn against_a_target_every_mode_reports_and_no_job_is_left_behind() {
         "--max-concurrency",
         "4",
     ]);
-    let report = ghmd::bench::run(&args).await.expect("bench runs");
+    let report = bench::run(&args).await.expect("bench runs");
 
     assert!(!report.started_by_bench);
     let raw = report.raw.as_ref().expect("raw ran");
@@ -76,7 +79,7 @@ async fn without_a_target_it_starts_a_server_and_reads_its_memory() {
         "--server-binary",
         env!("CARGO_BIN_EXE_ghmd"),
     ]);
-    let report = ghmd::bench::run(&args).await.expect("bench runs");
+    let report = bench::run(&args).await.expect("bench runs");
     assert!(report.started_by_bench);
     match report.jobs {
         Some(JobsOutcome::Measured(jobs)) => {

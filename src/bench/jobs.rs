@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 
 use super::target::Target;
 use super::{BenchError, JobNames, create_job};
-use crate::proto::Loss;
+use ghmd::proto::Loss;
 
 const BINS: u32 = 30;
 const CONNECTIONS: usize = 4;

@@ -10,6 +10,7 @@
 //!
 //! Without `--target` the bench starts `ghmd serve` itself on a free loopback port.
 
+mod args;
 mod data;
 mod jobs;
 mod raw;
@@ -24,16 +25,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::client::{Credentials, Transport};
-use crate::config::{BenchArgs, BenchMode};
-use crate::proto::harmonizer_client::HarmonizerClient;
-use crate::proto::{CreateJobRequest, DeleteJobRequest, JobSpec, Loss};
-pub use data::{SplitMix, realistic_histogram, realistic_norms};
+pub use args::{BenchArgs, BenchMode};
+use ghmd::client::{Credentials, Transport};
+use ghmd::proto::harmonizer_client::HarmonizerClient;
+use ghmd::proto::{CreateJobRequest, DeleteJobRequest, JobSpec, Loss};
 pub use jobs::JobsReport;
-pub use raw::{RawPoint, Throughput};
-pub use small::{Paced, Rate, SmallPoint, SmallReport};
-pub use stats::Latency;
-pub use steps::{StepsPoint, StepsReport};
+pub use raw::RawPoint;
+pub use small::SmallReport;
+pub use steps::StepsReport;
 use target::Target;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +56,7 @@ pub enum BenchError {
     #[error("a bench task failed: {0}")]
     Task(String),
     #[error("--token: {0}")]
-    Token(#[from] crate::client::ClientError),
+    Token(#[from] ghmd::client::ClientError),
     #[error("cannot write the report: {0}")]
     Output(String),
 }

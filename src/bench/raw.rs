@@ -17,10 +17,10 @@ use tokio::task::JoinHandle;
 use super::stats::{Call, Latency, Run, closed_loop};
 use super::target::Target;
 use super::{BenchError, JobNames, create_job, rpc};
-use crate::client::{Transport, f32s_to_bytes};
-use crate::proto::harmonize_request::Input;
-use crate::proto::harmonizer_client::HarmonizerClient;
-use crate::proto::{HarmonizeRequest, Loss};
+use ghmd::client::{Transport, f32s_to_bytes};
+use ghmd::proto::harmonize_request::Input;
+use ghmd::proto::harmonizer_client::HarmonizerClient;
+use ghmd::proto::{HarmonizeRequest, Loss};
 
 /// Connection counts measured, as the issue asks.
 pub const CONNECTIONS: [usize; 2] = [1, 4];

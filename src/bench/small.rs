@@ -14,10 +14,10 @@ use super::raw::cpu_used;
 use super::stats::{Call, Latency, Run, closed_loop};
 use super::target::Target;
 use super::{BenchError, JobNames, create_job, rpc};
-use crate::client::Transport;
-use crate::proto::harmonize_request::Input;
-use crate::proto::harmonizer_client::HarmonizerClient;
-use crate::proto::{HarmonizeRequest, Histogram, Loss};
+use ghmd::client::Transport;
+use ghmd::proto::harmonize_request::Input;
+use ghmd::proto::harmonizer_client::HarmonizerClient;
+use ghmd::proto::{HarmonizeRequest, Histogram, Loss};
 
 /// HTTP/2 connections the requests are spread over, for both services.
 pub const CONNECTIONS: usize = 4;

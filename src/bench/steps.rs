@@ -10,8 +10,8 @@ use tokio::task::JoinSet;
 use super::stats::Latency;
 use super::target::Target;
 use super::{BenchError, JobNames, create_job, rpc};
-use crate::proto::harmonize_request::Input;
-use crate::proto::{HarmonizeRequest, Histogram, Loss};
+use ghmd::proto::harmonize_request::Input;
+use ghmd::proto::{HarmonizeRequest, Histogram, Loss};
 
 pub const WORLD_SIZES: [u32; 3] = [2, 4, 8];
 const BINS: u32 = 30;

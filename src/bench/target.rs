@@ -12,8 +12,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::BenchError;
-use crate::client::{Credentials, MAX_MESSAGE_BYTES, Transport};
-use crate::proto::harmonizer_client::HarmonizerClient;
+use ghmd::client::{Credentials, MAX_MESSAGE_BYTES, Transport};
+use ghmd::proto::harmonizer_client::HarmonizerClient;
 
 /// How long a started server may take to answer its first health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);

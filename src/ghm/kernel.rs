@@ -402,36 +402,23 @@ mod tests {
     use super::*;
     use crate::ghm::Density;
 
-    /// splitmix64, so that every run checks the same batches.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32
-        }
-    }
+    // The seeded generator shared by the repo's tests and benches, so that every run checks
+    // the same batches.
+    use crate::synthetic::SplitMix as Rng;
 
     /// Norms that hit every path: tiny ones, a spread, the ends, edges and their neighbours.
     fn norms(edges: &BinEdges, len: usize, rng: &mut Rng) -> Vec<f32> {
         (0..len)
             .map(|_| {
-                let g = match rng.next() % 6 {
+                let g = match rng.next_u64() % 6 {
                     0 => rng.unit() * 1e-3,
                     1 | 2 => rng.unit() * edges.max_norm().min(1.5),
                     3 => {
-                        let e = edges.edges()[(rng.next() as usize) % edges.edges().len()];
-                        let ulps = (rng.next() % 9) as i64 - 4;
+                        let e = edges.edges()[(rng.next_u64() as usize) % edges.edges().len()];
+                        let ulps = (rng.next_u64() % 9) as i64 - 4;
                         f32::from_bits((i64::from(e.to_bits()) + ulps).max(0) as u32)
                     }
-                    4 => [0.0, 1.0, edges.max_norm()][(rng.next() % 3) as usize],
+                    4 => [0.0, 1.0, edges.max_norm()][(rng.next_u64() % 3) as usize],
                     _ => rng.unit(),
                 };
                 g.min(edges.max_norm())
@@ -441,7 +428,7 @@ mod tests {
 
     fn label_weights(len: usize, rng: &mut Rng) -> Vec<f32> {
         (0..len)
-            .map(|_| match rng.next() % 5 {
+            .map(|_| match rng.next_u64() % 5 {
                 0 => 0.0,
                 1 => rng.unit() * 3.0,
                 _ => 1.0,

@@ -1,0 +1,72 @@
+//! The flags of `ghmd bench`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser as _;
+use clap::{Parser, ValueEnum};
+use ghmd::config::parse_positive_duration;
+
+/// A measurement of `ghmd bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchMode {
+    /// 1M-element requests on 1 and 4 connections, against a TCP echo of the same bytes.
+    Raw,
+    /// Histogram requests at rising concurrency, against the gRPC health check.
+    Small,
+    /// Rounds of step-synchronous jobs of 2, 4 and 8 ranks.
+    Steps,
+    /// Resident memory per idle job (only on a server the bench starts).
+    Jobs,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct BenchArgs {
+    /// The server to measure, e.g. http://127.0.0.1:50051. Without it the bench starts
+    /// `ghmd serve --in-memory` on a free loopback port, and stops it at the end.
+    #[arg(long, env = "GHMD_BENCH_TARGET")]
+    pub target: Option<String>,
+
+    /// The measurements to run, comma-separated.
+    #[arg(long = "mode", value_enum, value_delimiter = ',', default_values_t = [BenchMode::Raw, BenchMode::Small, BenchMode::Steps, BenchMode::Jobs])]
+    pub modes: Vec<BenchMode>,
+
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Bearer token, for a server started with --tokens-file.
+    #[arg(long, env = "GHMD_BENCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// How long each measured point runs.
+    #[arg(long, value_parser = parse_positive_duration, default_value = "2s")]
+    pub duration: Duration,
+
+    /// Gradient norms per raw request.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub raw_elements: usize,
+
+    /// The highest concurrency the small mode climbs to.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize))]
+    pub max_concurrency: usize,
+
+    /// Jobs the memory measurement creates.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000).map(|n| n as usize))]
+    pub jobs: usize,
+
+    /// Allow a --target that is not on this machine's loopback interface. The bench is a load
+    /// test: point it only at a server you may load.
+    #[arg(long)]
+    pub allow_remote: bool,
+
+    /// An argument added to the `ghmd serve` the bench starts, e.g.
+    /// --server-arg=--offload-elements=0; repeatable.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+
+    /// The ghmd binary the bench starts when there is no --target; default: this one.
+    #[arg(long)]
+    pub server_binary: Option<PathBuf>,
+}

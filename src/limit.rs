@@ -32,13 +32,6 @@ impl ConcurrencyLimitLayer {
             limit,
         }
     }
-
-    /// Requests holding a permit right now.
-    pub fn in_flight(&self) -> usize {
-        self.limit
-            .min(Semaphore::MAX_PERMITS)
-            .saturating_sub(self.permits.available_permits())
-    }
 }
 
 impl<S> Layer<S> for ConcurrencyLimitLayer {

@@ -22,7 +22,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry as PromRegistry, Unit};
 
 pub use density::JobDensity;
-pub use grpc_layer::{GrpcMetricsLayer, GrpcMetricsService, code_name};
+pub use grpc_layer::{GrpcMetricsLayer, code_name};
 
 use crate::ghm::Loss;
 use crate::jobs::StepObserver;

@@ -26,6 +26,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::jobs::MAX_JOB_ID_LEN;
+use crate::shutdown::Shutdown;
 
 /// Shorter secrets can be guessed; `openssl rand -hex 16` gives 32 characters.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -286,6 +287,58 @@ impl Authenticator {
         let count = tokens.len();
         *self.tokens.write() = Arc::new(tokens);
         Ok(Some(count))
+    }
+
+    /// Rereads the tokens file on every SIGHUP until `shutdown`. A bad file keeps the tokens in
+    /// force and says why.
+    pub fn spawn_reload_on_sighup(
+        self: &Arc<Self>,
+        mut shutdown: Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let authenticator = Arc::clone(self);
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                let mut hangup = match signal(SignalKind::hangup()) {
+                    Ok(signal) => signal,
+                    Err(error) => {
+                        tracing::warn!(
+                            %error,
+                            "cannot listen for SIGHUP; tokens reload needs a restart"
+                        );
+                        return;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        received = hangup.recv() => {
+                            if received.is_none() {
+                                return;
+                            }
+                            authenticator.log_reload();
+                        }
+                        () = shutdown.recv() => return,
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = authenticator;
+                shutdown.recv().await;
+            }
+        })
+    }
+
+    #[cfg(unix)]
+    fn log_reload(&self) {
+        match self.reload() {
+            Ok(Some(count)) => tracing::info!(tokens = count, "SIGHUP: tokens file reloaded"),
+            Ok(None) => tracing::info!("SIGHUP: no --tokens-file to reload"),
+            Err(error) => {
+                tracing::error!("SIGHUP: {error}; the tokens loaded before stay in force")
+            }
+        }
     }
 
     /// The access of a request with these headers, or UNAUTHENTICATED.

@@ -3,9 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+use crate::jobs::RegistryLimits;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -144,5 +147,56 @@ impl ServeConfig {
     /// The defaults, with the environment's overrides, as `ghmd serve` with no flags would see.
     pub fn from_env() -> Self {
         Self::parse_from(["ghmd-serve"])
+    }
+
+    /// The flags' defaults, whatever the environment says: the one place they are written is
+    /// the `#[arg]`s above.
+    pub fn defaults() -> &'static Self {
+        static DEFAULTS: OnceLock<ServeConfig> = OnceLock::new();
+        DEFAULTS.get_or_init(|| {
+            let command = Self::command().mut_args(|arg| arg.env(None::<&str>));
+            // The defaults are constants of this file: a unit test parses them.
+            command
+                .try_get_matches_from(["ghmd-serve"])
+                .and_then(|matches| Self::from_arg_matches(&matches))
+                .unwrap_or_else(|error| error.exit())
+        })
+    }
+
+    /// What the job registry takes from the flags.
+    pub fn registry_limits(&self) -> RegistryLimits {
+        RegistryLimits {
+            offload_elements: self.offload_elements,
+            kept_steps: self.kept_steps,
+            max_pending_steps: self.max_pending_steps,
+            max_jobs: usize::try_from(self.max_jobs).unwrap_or(usize::MAX),
+            max_elements_per_request: self.max_elements_per_request,
+        }
+    }
+}
+
+/// A registry made without a server (tests, benches, an embedding program) gets the limits of
+/// `ghmd serve` with no flags.
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        ServeConfig::defaults().registry_limits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_what_serve_sees_without_flags_or_environment() {
+        let defaults = ServeConfig::defaults();
+        let limits = RegistryLimits::default();
+        assert_eq!(limits.max_jobs as u64, defaults.max_jobs);
+        assert_eq!(limits.kept_steps, defaults.kept_steps);
+        // Where the test's environment sets no GHMD_* variable, `ghmd serve` sees the same.
+        if !std::env::vars_os().any(|(name, _)| name.to_string_lossy().starts_with("GHMD_")) {
+            let seen = ServeConfig::from_env();
+            assert_eq!(format!("{seen:?}"), format!("{defaults:?}"));
+        }
     }
 }

@@ -4,10 +4,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
@@ -15,12 +14,13 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::HarmonizerService;
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::config::ServeConfig;
-use crate::jobs::{Registry, RegistryLimits};
+use crate::jobs::Registry;
 use crate::limit::ConcurrencyLimitLayer;
 use crate::metrics::{Exposition, GrpcMetricsLayer, JobDensity, Metrics};
-use crate::persist::{PersistError, Snapshotter, Store};
+use crate::persist::{PersistError, Snapshotter};
 use crate::probes::Readiness;
 use crate::proto::harmonizer_server::HarmonizerServer;
+use crate::shutdown::Stopper;
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +32,6 @@ pub enum ServeError {
     },
     #[error("{0}")]
     State(#[from] PersistError),
-    #[error("the state file {path} holds a job that cannot be restored: {reason}")]
-    Restore { path: String, reason: String },
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -71,21 +69,21 @@ impl Server {
         });
         let tls = tls_config(&config)?;
         let metrics = Metrics::new();
-        let registry = Registry::with_observer(
-            RegistryLimits {
-                offload_elements: config.offload_elements,
-                kept_steps: config.kept_steps,
-                max_pending_steps: config.max_pending_steps,
-                max_jobs: usize::try_from(config.max_jobs).unwrap_or(usize::MAX),
-                max_elements_per_request: config.max_elements_per_request,
-            },
-            Arc::new(metrics.clone()),
-        );
+        let registry = Registry::with_observer(config.registry_limits(), Arc::new(metrics.clone()));
         let snapshotter = if config.in_memory {
             tracing::info!("--in-memory: no data dir; every job is lost when ghmd stops");
             None
         } else {
-            Some(load_state(&config, &registry, &metrics).await?)
+            Some(
+                Snapshotter::load(
+                    &config.data_dir,
+                    config.discard_corrupt_state,
+                    config.max_jobs,
+                    &registry,
+                    &metrics,
+                )
+                .await?,
+            )
         };
         let listener =
             TcpListener::bind(config.listen)
@@ -157,36 +155,35 @@ impl Server {
             .local_addr()
             .unwrap_or(config.metrics_listen);
 
+        // Two moments of a stop, each one signal for every task it concerns: `draining` when
+        // `shutdown` completes (gRPC stops accepting, the grace period starts), `stopped` once
+        // gRPC has finished (the background tasks end, the last snapshot is taken).
+        let draining = Stopper::new();
+        let stopped = Stopper::new();
+
         let readiness = Readiness::default();
-        let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let http = tokio::spawn(crate::probes::serve(
+        let probes = tokio::spawn(crate::probes::serve(
             metrics_listener,
             exposition,
             readiness.clone(),
-            async {
-                let _ = http_stop_rx.await;
+            {
+                let mut stopped = stopped.signal();
+                async move { stopped.recv().await }
             },
         ));
         tracing::info!(addr = %metrics_addr, "ghmd serving /metrics, /healthz and /readyz");
 
-        let (snapshot_stop_tx, snapshot_stop_rx) = watch::channel(false);
-        let snapshot_task = snapshotter.map(|snapshotter| {
-            tokio::spawn(snapshotter.run(config.snapshot_interval, snapshot_stop_rx))
+        let snapshotter = snapshotter.map(|snapshotter| {
+            tokio::spawn(snapshotter.run(config.snapshot_interval, stopped.signal()))
         });
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<HarmonizerServer<HarmonizerService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-        let registry_for_reaper = registry.clone();
+        let reflection = reflection_builder().build_v1()?;
+        let reflection_alpha = reflection_builder().build_v1alpha()?;
+        let reaper = registry.spawn_reaper(config.job_ttl, stopped.signal());
         let harmonizer = HarmonizerServer::new(
             HarmonizerService::new(registry, config.max_step_timeout)
                 .with_max_response_bytes(config.max_send_message_bytes),
@@ -213,13 +210,14 @@ impl Server {
         if tls.is_none() {
             tracing::warn!("no --tls-cert: requests and tokens travel in plaintext");
         }
-        let reloader = AbortOnDrop(tokio::spawn(reload_on_sighup(Arc::clone(&authenticator))));
-        let reaper = AbortOnDrop(tokio::spawn(reap_idle_jobs(
-            registry_for_reaper,
-            config.job_ttl,
-        )));
+        let reloader = authenticator.spawn_reload_on_sighup(stopped.signal());
 
-        let (stopping_tx, mut stopping_rx) = watch::channel(false);
+        let grace = config.shutdown_grace;
+        let mut grace_started = draining.signal();
+        let grace_expired = async move {
+            grace_started.recv().await;
+            tokio::time::sleep(grace).await;
+        };
         let signal_readiness = readiness.clone();
         let signal = async move {
             shutdown.await;
@@ -228,12 +226,7 @@ impl Server {
             health_reporter
                 .set_not_serving::<HarmonizerServer<HarmonizerService>>()
                 .await;
-            let _ = stopping_tx.send(true);
-        };
-        let grace = config.shutdown_grace;
-        let grace_expired = async move {
-            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(grace).await;
+            draining.stop();
         };
 
         tracing::info!(%addr, tls = tls.is_some(), "ghmd serving gRPC");
@@ -280,11 +273,43 @@ impl Server {
         };
         readiness.set(false);
 
-        // The last snapshot comes after the last request, so that a planned restart loses
-        // nothing; it is written even if serving failed.
+        let background = Background {
+            probes,
+            snapshotter,
+            reaper,
+            reloader,
+        };
+        let stopped_cleanly = background.stop(stopped).await;
+        served?;
+        stopped_cleanly?;
+        tracing::info!("ghmd stopped");
+        Ok(())
+    }
+}
+
+/// The reflection of the contract and of the health service, once per protocol version.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The tasks that run beside gRPC, each until the server's `stopped` signal.
+struct Background {
+    probes: JoinHandle<std::io::Result<()>>,
+    /// `None` with `--in-memory`.
+    snapshotter: Option<JoinHandle<Snapshotter>>,
+    reaper: JoinHandle<()>,
+    reloader: JoinHandle<()>,
+}
+
+impl Background {
+    /// Ends every task once gRPC has finished. The last snapshot comes after the last request,
+    /// so that a planned restart loses nothing; it is written even if serving failed.
+    async fn stop(self, stopped: Stopper) -> Result<(), ServeError> {
+        stopped.stop();
         let mut snapshot_result = Ok(());
-        if let Some(task) = snapshot_task {
-            let _ = snapshot_stop_tx.send(true);
+        if let Some(task) = self.snapshotter {
             match task.await {
                 Ok(mut snapshotter) => match snapshotter.snapshot().await {
                     Ok(wrote) => tracing::info!(wrote, "final snapshot done"),
@@ -293,18 +318,20 @@ impl Server {
                 Err(error) => tracing::error!(%error, "the snapshot task failed"),
             }
         }
-        drop(reloader);
-        drop(reaper);
-        let _ = http_stop_tx.send(());
-        match http.await {
+        for (task, what) in [
+            (self.reloader, "tokens reload"),
+            (self.reaper, "job reaper"),
+        ] {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "the {what} task failed");
+            }
+        }
+        match self.probes.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "the metrics listener failed"),
             Err(error) => tracing::error!(%error, "the metrics listener task failed"),
         }
-        served?;
-        snapshot_result?;
-        tracing::info!("ghmd stopped");
-        Ok(())
+        snapshot_result
     }
 }
 
@@ -313,118 +340,6 @@ fn tls_config(config: &ServeConfig) -> Result<Option<ServerTlsConfig>, TlsError>
         return Ok(None);
     };
     tls::server_config(cert, key, config.tls_client_ca.as_deref()).map(Some)
-}
-
-/// Aborts a background task when the server that owns it stops.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Rereads the tokens file on every SIGHUP. A bad file keeps the tokens in force and says why.
-async fn reload_on_sighup(authenticator: Arc<Authenticator>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP; tokens reload needs a restart");
-                return;
-            }
-        };
-        while hangup.recv().await.is_some() {
-            match authenticator.reload() {
-                Ok(Some(count)) => tracing::info!(tokens = count, "SIGHUP: tokens file reloaded"),
-                Ok(None) => tracing::info!("SIGHUP: no --tokens-file to reload"),
-                Err(error) => {
-                    tracing::error!("SIGHUP: {error}; the tokens loaded before stay in force")
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = authenticator;
-    }
-}
-
-/// Deletes jobs idle longer than `ttl`, looking a few times per TTL (at most once a minute, at
-/// least every 10 ms), so that a job outlives its TTL by a quarter of it at most.
-async fn reap_idle_jobs(registry: Registry, ttl: Duration) {
-    let period = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let registry = registry.clone();
-        let reaped = tokio::task::spawn_blocking(move || {
-            registry.reap_idle(ttl, std::time::SystemTime::now())
-        })
-        .await;
-        match reaped {
-            Ok(ids) => {
-                for id in ids {
-                    tracing::info!(job_id = %id, ?ttl, "job deleted: idle longer than --job-ttl");
-                }
-            }
-            Err(error) => tracing::error!(%error, "the job reaper failed"),
-        }
-    }
-}
-
-/// Opens (and locks) the data dir and puts its jobs into `registry`. Runs on the blocking pool:
-/// reading and decoding a large state is file I/O and CPU.
-async fn load_state(
-    config: &ServeConfig,
-    registry: &Registry,
-    metrics: &Metrics,
-) -> Result<Snapshotter, ServeError> {
-    let dir = config.data_dir.clone();
-    let discard = config.discard_corrupt_state;
-    let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&dir, discard))
-        .await
-        .map_err(|error| {
-            ServeError::State(PersistError::Read {
-                path: config.data_dir.clone(),
-                source: std::io::Error::other(format!("loading task failed: {error}")),
-            })
-        })??;
-    if let Some((aside, reason)) = &loaded.set_aside {
-        tracing::warn!(
-            path = %aside.display(),
-            %reason,
-            "the state file failed its checks: moved aside, starting with no jobs"
-        );
-    }
-    let count = loaded.jobs.len();
-    for job in loaded.jobs {
-        let id = job.id.clone();
-        registry
-            .insert_snapshot(job)
-            .map_err(|error| ServeError::Restore {
-                path: store.state_path().display().to_string(),
-                reason: format!("job {id:?}: {error}"),
-            })?;
-    }
-    tracing::info!(jobs = count, path = %store.state_path().display(), "state loaded");
-    if count as u64 > config.max_jobs {
-        tracing::warn!(
-            jobs = count,
-            max_jobs = config.max_jobs,
-            "more jobs were loaded than --max-jobs allows: all are kept, CreateJob is refused \
-             until some are deleted"
-        );
-    }
-    Ok(Snapshotter::new(
-        store,
-        registry.clone(),
-        metrics.clone(),
-        loaded.bytes,
-    ))
 }
 
 /// Binds and serves until `shutdown` completes.

@@ -4,14 +4,17 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use tokio::task::JoinHandle;
 
 use super::job::{Job, JobContext};
 use super::{
     BatchInput, JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver,
     StepOutcome, validate_job_id,
 };
+use crate::shutdown::Shutdown;
 
-/// Knobs of the registry that come from the server's configuration.
+/// Knobs of the registry that come from the server's configuration
+/// (`ServeConfig::registry_limits`); `Default` is `ghmd serve`'s defaults.
 #[derive(Clone, Debug)]
 pub struct RegistryLimits {
     /// Batches with more elements than this are weighed on the blocking pool, so that one
@@ -28,18 +31,6 @@ pub struct RegistryLimits {
     /// Elements (gradient norms or residuals) one request may carry, whatever its size in
     /// bytes: bounds the CPU one request can take.
     pub max_elements_per_request: usize,
-}
-
-impl Default for RegistryLimits {
-    fn default() -> Self {
-        Self {
-            offload_elements: 1 << 16,
-            kept_steps: 8,
-            max_pending_steps: 64,
-            max_jobs: 100_000,
-            max_elements_per_request: 16_000_000,
-        }
-    }
 }
 
 /// A cheap, cloneable handle to every job of the server.
@@ -208,6 +199,40 @@ impl Registry {
             self.context.observer.jobs_reaped(reaped.len() as u64);
         }
         reaped
+    }
+
+    /// Starts the task that deletes jobs idle longer than `ttl` until `shutdown`, looking a few
+    /// times per TTL (at most once a minute, at least every 10 ms), so that a job outlives its
+    /// TTL by a quarter of it at most.
+    pub fn spawn_reaper(&self, ttl: Duration, mut shutdown: Shutdown) -> JoinHandle<()> {
+        let registry = self.clone();
+        let period = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = shutdown.recv() => return,
+                }
+                let registry = registry.clone();
+                let reaped =
+                    tokio::task::spawn_blocking(move || registry.reap_idle(ttl, SystemTime::now()))
+                        .await;
+                match reaped {
+                    Ok(ids) => {
+                        for id in ids {
+                            tracing::info!(
+                                job_id = %id,
+                                ?ttl,
+                                "job deleted: idle longer than --job-ttl"
+                            );
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "the job reaper failed"),
+                }
+            }
+        })
     }
 
     /// Jobs in id order, starting after `after`, at most `page_size` of them, of those for

@@ -54,6 +54,8 @@ pub enum PersistError {
     },
     #[error("cannot write the state file {}: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
+    #[error("the state file {path} holds a job that cannot be restored: {reason}")]
+    Restore { path: String, reason: String },
 }
 
 /// What opening the data dir found.

@@ -1,14 +1,14 @@
-//! The task that writes the registry to the data dir every `--snapshot-interval` when it
-//! changed, and once more when the server stops.
+//! Loading the data dir into the registry at start, and the task that writes the registry back
+//! every `--snapshot-interval` when it changed, and once more when the server stops.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-use tokio::sync::watch;
 
 use super::{PersistError, Store, write_if_changed};
 use crate::jobs::Registry;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 pub struct Snapshotter {
     store: Arc<Store>,
@@ -19,8 +19,61 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
+    /// Opens (and locks) the data dir `dir` and puts its jobs into `registry`, then returns the
+    /// snapshotter that keeps the dir up to date. Runs on the blocking pool: reading and
+    /// decoding a large state is file I/O and CPU. `max_jobs` is only reported: every job
+    /// loaded is kept.
+    pub async fn load(
+        dir: &Path,
+        discard_corrupt: bool,
+        max_jobs: u64,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) -> Result<Self, PersistError> {
+        let owned_dir = dir.to_owned();
+        let (store, loaded) =
+            tokio::task::spawn_blocking(move || Store::open(&owned_dir, discard_corrupt))
+                .await
+                .map_err(|error| PersistError::Read {
+                    path: dir.to_owned(),
+                    source: std::io::Error::other(format!("loading task failed: {error}")),
+                })??;
+        if let Some((aside, reason)) = &loaded.set_aside {
+            tracing::warn!(
+                path = %aside.display(),
+                %reason,
+                "the state file failed its checks: moved aside, starting with no jobs"
+            );
+        }
+        let count = loaded.jobs.len();
+        for job in loaded.jobs {
+            let id = job.id.clone();
+            registry
+                .insert_snapshot(job)
+                .map_err(|error| PersistError::Restore {
+                    path: store.state_path().display().to_string(),
+                    reason: format!("job {id:?}: {error}"),
+                })?;
+        }
+        tracing::info!(jobs = count, path = %store.state_path().display(), "state loaded");
+        if count as u64 > max_jobs {
+            tracing::warn!(
+                jobs = count,
+                max_jobs,
+                "more jobs were loaded than --max-jobs allows: all are kept, CreateJob is \
+                 refused until some are deleted"
+            );
+        }
+        Ok(Self::new(
+            store,
+            registry.clone(),
+            metrics.clone(),
+            loaded.bytes,
+        ))
+    }
+
     /// `on_disk` is what the store loaded at start.
-    pub fn new(store: Store, registry: Registry, metrics: Metrics, on_disk: Vec<u8>) -> Self {
+    fn new(store: Store, registry: Registry, metrics: Metrics, on_disk: Vec<u8>) -> Self {
         Self {
             store: Arc::new(store),
             registry,
@@ -70,10 +123,10 @@ impl Snapshotter {
         }
     }
 
-    /// Snapshots every `interval` until `stop` turns true, then returns itself for the final
-    /// snapshot. A failed snapshot is logged and retried at the next tick; the previous state
-    /// file stays in place meanwhile.
-    pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) -> Self {
+    /// Snapshots every `interval` until `shutdown`, then returns itself for the final snapshot.
+    /// A failed snapshot is logged and retried at the next tick; the previous state file stays
+    /// in place meanwhile.
+    pub async fn run(mut self, interval: Duration, mut shutdown: Shutdown) -> Self {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -83,7 +136,7 @@ impl Snapshotter {
                         tracing::error!(%error, "snapshot failed");
                     }
                 }
-                () = async { let _ = stop.wait_for(|stop| *stop).await; } => return self,
+                () = shutdown.recv() => return self,
             }
         }
     }

@@ -171,6 +171,8 @@ impl ServeConfig {
             max_pending_steps: self.max_pending_steps,
             max_jobs: usize::try_from(self.max_jobs).unwrap_or(usize::MAX),
             max_elements_per_request: self.max_elements_per_request,
+            max_step_timeout: self.max_step_timeout,
+            max_response_bytes: self.max_send_message_bytes,
         }
     }
 }

@@ -184,12 +184,9 @@ impl Server {
         let reflection = reflection_builder().build_v1()?;
         let reflection_alpha = reflection_builder().build_v1alpha()?;
         let reaper = registry.spawn_reaper(config.job_ttl, stopped.signal());
-        let harmonizer = HarmonizerServer::new(
-            HarmonizerService::new(registry, config.max_step_timeout)
-                .with_max_response_bytes(config.max_send_message_bytes),
-        )
-        .max_decoding_message_size(config.max_recv_message_bytes)
-        .max_encoding_message_size(config.max_send_message_bytes);
+        let harmonizer = HarmonizerServer::new(HarmonizerService::new(registry))
+            .max_decoding_message_size(config.max_recv_message_bytes)
+            .max_encoding_message_size(config.max_send_message_bytes);
         // Health stays open for probes; the Harmonizer and reflection need a token when there
         // is a tokens file (reflection shows only the public contract, but an unknown caller
         // has no use for it).

@@ -12,8 +12,6 @@
 //! caller's fault), or an OK response that breaks the contract (weights of another length,
 //! a weight that is negative or not finite, bin weights of another length).
 
-use std::time::Duration;
-
 use ghmd::api::HarmonizerService;
 use ghmd::auth::Access;
 use ghmd::jobs::{Registry, RegistryLimits};
@@ -89,10 +87,7 @@ pub fn run(data: &[u8]) -> Outcome {
 }
 
 async fn run_async(selector: u8, mut bytes: &[u8]) -> Outcome {
-    let service = HarmonizerService::new(
-        Registry::new(RegistryLimits::default()),
-        Duration::from_secs(600),
-    );
+    let service = HarmonizerService::new(Registry::new(RegistryLimits::default()));
     let spec_index = selector & 0x07;
     let spec = if spec_index == 7 {
         // A length byte, then a fuzzed CreateJobRequest's spec.

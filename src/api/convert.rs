@@ -6,6 +6,7 @@ use super::status::missing;
 use crate::ghm::{self, Loss};
 use crate::jobs::{
     BatchInput, JobSnapshot, JobSpec, JobUpdate, StepInput, StepOutcome, WorldSizeChange,
+    check_world_size,
 };
 use crate::proto;
 
@@ -32,14 +33,9 @@ fn loss_to_proto(loss: Loss) -> proto::Loss {
     }
 }
 
-pub fn step_timeout_from_proto(
-    field: &str,
-    value: Option<prost_types::Duration>,
-    max: Duration,
-) -> Result<Duration, Status> {
-    let Some(value) = value else {
-        return Ok(DEFAULT_STEP_TIMEOUT.min(max));
-    };
+/// A step timeout as a valid, positive `google.protobuf.Duration`; its bounds are the
+/// registry's to check.
+fn step_timeout_from_proto(field: &str, value: prost_types::Duration) -> Result<Duration, Status> {
     // prost would quietly normalise {1s, -5ns} or {0s, 2^31ns}; the protobuf spec calls them
     // invalid, and a timeout the caller did not mean is worse than a refusal.
     let nanos_ok = (-999_999_999..=999_999_999).contains(&value.nanos)
@@ -58,11 +54,6 @@ pub fn step_timeout_from_proto(
             value.seconds, value.nanos
         ))
     })?;
-    if timeout.is_zero() || timeout > max {
-        return Err(Status::invalid_argument(format!(
-            "{field} = {timeout:?}: must be above 0 and at most {max:?} (--max-step-timeout)"
-        )));
-    }
     Ok(timeout)
 }
 
@@ -81,28 +72,19 @@ pub fn spec_from_proto(
     let loss = loss_from_proto(spec.loss)?;
     let ghm = ghm::Spec::new(loss, spec.bins, spec.momentum, spec.mu)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    check_world_size("spec.world_size", spec.world_size)?;
+    // Checked here too, and not only by the registry, so that a request wrong in several
+    // fields hears of its world size before its step timeout, as it always has.
+    check_world_size("spec.world_size", spec.world_size).map_err(Status::invalid_argument)?;
+    let step_timeout = match spec.step_timeout {
+        Some(timeout) => step_timeout_from_proto("spec.step_timeout", timeout)?,
+        None => DEFAULT_STEP_TIMEOUT.min(max_step_timeout),
+    };
     Ok(JobSpec {
         ghm,
         world_size: spec.world_size,
-        step_timeout: step_timeout_from_proto(
-            "spec.step_timeout",
-            spec.step_timeout,
-            max_step_timeout,
-        )?,
+        step_timeout,
         allow_partial_steps: spec.allow_partial_steps,
     })
-}
-
-pub use crate::jobs::MAX_WORLD_SIZE;
-
-pub fn check_world_size(field: &str, world_size: u32) -> Result<(), Status> {
-    if world_size > MAX_WORLD_SIZE {
-        return Err(Status::invalid_argument(format!(
-            "{field} = {world_size}: must be at most {MAX_WORLD_SIZE}"
-        )));
-    }
-    Ok(())
 }
 
 pub fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
@@ -178,18 +160,16 @@ pub fn outcome_to_proto(job_id: String, outcome: StepOutcome) -> proto::Harmoniz
     }
 }
 
-pub fn update_from_proto(
-    request: &proto::UpdateJobRequest,
-    max_step_timeout: Duration,
-) -> Result<JobUpdate, Status> {
-    check_world_size("world_size", request.world_size)?;
+pub fn update_from_proto(request: &proto::UpdateJobRequest) -> Result<JobUpdate, Status> {
+    // As in `spec_from_proto`: the world size is heard of first.
+    check_world_size("world_size", request.world_size).map_err(Status::invalid_argument)?;
     let world_size = (request.world_size > 0).then_some(WorldSizeChange {
         from_step: request.from_step,
         world_size: request.world_size,
     });
     let step_timeout = request
         .step_timeout
-        .map(|timeout| step_timeout_from_proto("step_timeout", Some(timeout), max_step_timeout))
+        .map(|timeout| step_timeout_from_proto("step_timeout", timeout))
         .transpose()?;
     Ok(JobUpdate {
         world_size,

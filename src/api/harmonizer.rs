@@ -1,6 +1,4 @@
 use std::pin::Pin;
-use std::time::Duration;
-
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -13,7 +11,6 @@ use super::convert::{
 use super::status::missing;
 use crate::auth::Access;
 use crate::jobs::{Registry, validate_job_id};
-use crate::proto::harmonize_request::Input;
 use crate::proto::harmonizer_server::Harmonizer;
 use crate::proto::{
     CreateJobRequest, DeleteJobRequest, DeleteJobResponse, GetJobRequest, HarmonizeRequest,
@@ -23,53 +20,16 @@ use crate::proto::{
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 
-/// An upper bound on what a HarmonizeResponse carries besides its weights: the job id's length
-/// is added to it; then every other field with its tag and length, both tables at the largest
-/// bin count, and the missing ranks of the largest world.
-const RESPONSE_OVERHEAD: usize =
-    6 * 11 + 2 * 4 * crate::ghm::MAX_BINS as usize + 5 * super::convert::MAX_WORLD_SIZE as usize;
-
-/// The `ghm.v1.Harmonizer` service over a job registry.
+/// The `ghm.v1.Harmonizer` service over a job registry, which holds every limit a request is
+/// checked against.
 #[derive(Clone)]
 pub struct HarmonizerService {
     registry: Registry,
-    max_step_timeout: Duration,
-    max_response_bytes: usize,
 }
 
 impl HarmonizerService {
-    pub fn new(registry: Registry, max_step_timeout: Duration) -> Self {
-        Self {
-            registry,
-            max_step_timeout,
-            max_response_bytes: usize::MAX,
-        }
-    }
-
-    /// The encoder's limit (`--max-send-message-bytes`). A response above it would fail only
-    /// after its step was applied, so requests whose weights cannot fit are refused up front.
-    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
-        self.max_response_bytes = bytes;
-        self
-    }
-
-    fn check_response_fits(&self, request: &HarmonizeRequest) -> Result<(), Status> {
-        let (field, elements) = match &request.input {
-            Some(Input::GradientNorms(bytes)) => ("gradient_norms", bytes.len() / 4),
-            Some(Input::Residuals(bytes)) => ("residuals", bytes.len() / 4),
-            _ => return Ok(()),
-        };
-        let largest = 4 * elements + request.job_id.len() + RESPONSE_OVERHEAD;
-        if largest > self.max_response_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "{field} has {elements} elements: their weights need a response of up to {largest} bytes, above the {} of --max-send-message-bytes; send at most {} elements per request",
-                self.max_response_bytes,
-                self.max_response_bytes
-                    .saturating_sub(request.job_id.len() + RESPONSE_OVERHEAD)
-                    / 4
-            )));
-        }
-        Ok(())
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
     }
 
     async fn harmonize_one(
@@ -78,7 +38,6 @@ impl HarmonizerService {
         request: HarmonizeRequest,
     ) -> Result<HarmonizeResponse, Status> {
         authorize(access, &request.job_id)?;
-        self.check_response_fits(&request)?;
         let (job_id, input) = step_input_from_proto(request)?;
         let outcome = self.registry.harmonize(&job_id, input).await?;
         Ok(outcome_to_proto(job_id, outcome))
@@ -96,7 +55,7 @@ impl Harmonizer for HarmonizerService {
         let access = access_of(&request)?;
         let request = request.into_inner();
         authorize(&access, &request.job_id)?;
-        let spec = spec_from_proto(request.spec, self.max_step_timeout)?;
+        let spec = spec_from_proto(request.spec, self.registry.max_step_timeout())?;
         let (job, created) = self.registry.create(&request.job_id, spec)?;
         if created {
             tracing::info!(job_id = %request.job_id, caller = access.name(), "job created");
@@ -160,7 +119,7 @@ impl Harmonizer for HarmonizerService {
         let access = access_of(&request)?;
         let request = request.into_inner();
         authorize(&access, &request.job_id)?;
-        let update = update_from_proto(&request, self.max_step_timeout)?;
+        let update = update_from_proto(&request)?;
         let job = self.registry.update(&request.job_id, &update)?;
         tracing::info!(job_id = %request.job_id, ?update, "job updated");
         Ok(Response::new(job_to_proto(job)))

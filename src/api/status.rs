@@ -7,7 +7,6 @@ impl From<JobError> for Status {
     fn from(error: JobError) -> Self {
         let code = match &error {
             JobError::InvalidJobId { .. }
-            | JobError::Spec(_)
             | JobError::InvalidSpec(_)
             | JobError::Input { .. }
             | JobError::InvalidRequest { .. } => Code::InvalidArgument,
@@ -17,7 +16,9 @@ impl From<JobError> for Status {
             JobError::StepExpired { .. } | JobError::FailedPrecondition { .. } => {
                 Code::FailedPrecondition
             }
-            JobError::ResourceExhausted { .. } => Code::ResourceExhausted,
+            JobError::ResourceExhausted { .. } | JobError::ResponseTooLarge(_) => {
+                Code::ResourceExhausted
+            }
             JobError::Internal(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -1,12 +1,11 @@
-use crate::ghm::{InputError, SpecError};
+use crate::ghm::InputError;
 
 /// Why the registry refused a request. Each variant maps to one gRPC status in `api::status`.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("job_id {id:?} {reason}")]
     InvalidJobId { id: String, reason: &'static str },
-    #[error("{0}")]
-    Spec(#[from] SpecError),
+    /// A spec, or a change to one, past the bounds every job keeps; the message names the field.
     #[error("{0}")]
     InvalidSpec(String),
     #[error("job {id:?} not found")]
@@ -32,6 +31,10 @@ pub enum JobError {
     FailedPrecondition { id: String, reason: String },
     #[error("job {id:?}: {reason}")]
     ResourceExhausted { id: String, reason: String },
+    /// The weights of a batch this large could not be sent back within `--max-send-message-bytes`;
+    /// refused before its step is applied.
+    #[error("{0}")]
+    ResponseTooLarge(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

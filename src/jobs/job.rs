@@ -5,7 +5,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::sync::{Joined, SyncState};
-use super::{JobError, JobSpec, StepObserver};
+use super::{JobError, JobSpec, StepObserver, check_world_size};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
 
 /// What a request brings to a step.
@@ -26,6 +26,15 @@ impl BatchInput {
         match self {
             Self::GradientNorms(bytes) | Self::Residuals(bytes) => bytes.len() / 4,
             Self::Histogram { .. } => 0,
+        }
+    }
+
+    /// The request field that carries the elements; `None` for a histogram, which has none.
+    pub fn element_field(&self) -> Option<InputField> {
+        match self {
+            Self::GradientNorms(_) => Some(InputField::GradientNorms),
+            Self::Residuals(_) => Some(InputField::Residuals),
+            Self::Histogram { .. } => None,
         }
     }
 }
@@ -170,18 +179,19 @@ impl Job {
         check_acc_sum(&snapshot.id, &snapshot.acc_sum, snapshot.spec.ghm.bins())?;
         // A state file is input too: a world size past the API's limit would make every step
         // of the job list billions of missing ranks (the fuzzer found it).
-        if let Some(world_size) = std::iter::once(snapshot.spec.world_size)
-            .chain(snapshot.world_size_schedule.iter().map(|c| c.world_size))
-            .find(|&w| w > super::MAX_WORLD_SIZE)
-        {
-            return Err(JobError::InvalidRequest {
+        snapshot
+            .spec
+            .check("", None)
+            .and_then(|()| {
+                snapshot
+                    .world_size_schedule
+                    .iter()
+                    .try_for_each(|change| check_world_size("world_size", change.world_size))
+            })
+            .map_err(|reason| JobError::InvalidRequest {
                 id: snapshot.id.clone(),
-                reason: format!(
-                    "world_size = {world_size}: must be at most {}",
-                    super::MAX_WORLD_SIZE
-                ),
-            });
-        }
+                reason,
+            })?;
         let sync = snapshot.spec.is_step_synchronous().then(|| {
             Box::new(SyncState::new(
                 snapshot.spec.world_size,

@@ -18,4 +18,6 @@ pub use job::{
 };
 pub use observer::{NoObserver, StepObserver};
 pub use registry::{ListPage, Registry, RegistryLimits};
-pub use spec::{JobSpec, MAX_JOB_ID_LEN, MAX_WORLD_SIZE, validate_job_id};
+pub use spec::{
+    JobSpec, MAX_JOB_ID_LEN, MAX_WORLD_SIZE, check_step_timeout, check_world_size, validate_job_id,
+};

@@ -9,8 +9,9 @@ use tokio::task::JoinHandle;
 use super::job::{Job, JobContext};
 use super::{
     BatchInput, JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver,
-    StepOutcome, validate_job_id,
+    StepOutcome, check_step_timeout, check_world_size, validate_job_id,
 };
+use crate::ghm;
 use crate::shutdown::Shutdown;
 
 /// Knobs of the registry that come from the server's configuration
@@ -31,7 +32,19 @@ pub struct RegistryLimits {
     /// Elements (gradient norms or residuals) one request may carry, whatever its size in
     /// bytes: bounds the CPU one request can take.
     pub max_elements_per_request: usize,
+    /// The longest `step_timeout` a job may have.
+    pub max_step_timeout: Duration,
+    /// The largest response the server can send (`--max-send-message-bytes`). A response above
+    /// it would fail only after its step was applied, so requests whose weights cannot fit are
+    /// refused up front.
+    pub max_response_bytes: usize,
 }
+
+/// An upper bound on what a HarmonizeResponse carries besides its weights: the job id's length
+/// is added to it; then every other field with its tag and length, both tables at the largest
+/// bin count, and the missing ranks of the largest world.
+const RESPONSE_OVERHEAD: usize =
+    6 * 11 + 2 * 4 * ghm::MAX_BINS as usize + 5 * super::MAX_WORLD_SIZE as usize;
 
 /// A cheap, cloneable handle to every job of the server.
 #[derive(Clone)]
@@ -42,6 +55,8 @@ pub struct Registry {
     count: Arc<AtomicUsize>,
     max_jobs: usize,
     max_elements_per_request: usize,
+    max_step_timeout: Duration,
+    max_response_bytes: usize,
     context: Arc<JobContext>,
 }
 
@@ -64,6 +79,8 @@ impl Registry {
             count: Arc::new(AtomicUsize::new(0)),
             max_jobs: limits.max_jobs,
             max_elements_per_request: limits.max_elements_per_request,
+            max_step_timeout: limits.max_step_timeout,
+            max_response_bytes: limits.max_response_bytes,
             context: Arc::new(JobContext {
                 observer,
                 kept_steps: limits.kept_steps,
@@ -71,6 +88,11 @@ impl Registry {
                 offload_elements: limits.offload_elements,
             }),
         }
+    }
+
+    /// The longest `step_timeout` a job may have, and the one an unset timeout is capped to.
+    pub fn max_step_timeout(&self) -> Duration {
+        self.max_step_timeout
     }
 
     pub fn len(&self) -> usize {
@@ -101,6 +123,8 @@ impl Registry {
     /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
     /// a distributed job may call this at start-up. The bool says whether it was created.
     pub fn create(&self, id: &str, spec: JobSpec) -> Result<(JobSnapshot, bool), JobError> {
+        spec.check("spec.", Some(self.max_step_timeout))
+            .map_err(JobError::InvalidSpec)?;
         validate_job_id(id)?;
         let spec = spec.normalized();
         let job = match self.jobs.entry(id.to_owned()) {
@@ -268,12 +292,30 @@ impl Registry {
     /// Weighs one request: at once for an asynchronous job, once its step is complete for a
     /// step-synchronous one.
     pub async fn harmonize(&self, id: &str, input: StepInput) -> Result<StepOutcome, JobError> {
-        let elements = input.batch.element_count();
+        self.check_request_size(id, &input.batch)?;
+        self.get(id)?.harmonize(input).await
+    }
+
+    /// The limits on a Harmonize request's size, before anything else is looked at: the
+    /// response its weights need, then the elements it carries.
+    fn check_request_size(&self, id: &str, batch: &BatchInput) -> Result<(), JobError> {
+        let Some(field) = batch.element_field() else {
+            return Ok(());
+        };
+        let elements = batch.element_count();
+        let largest = 4 * elements + id.len() + RESPONSE_OVERHEAD;
+        if largest > self.max_response_bytes {
+            return Err(JobError::ResponseTooLarge(format!(
+                "{field} has {elements} elements: their weights need a response of up to \
+                 {largest} bytes, above the {} of --max-send-message-bytes; send at most {} \
+                 elements per request",
+                self.max_response_bytes,
+                self.max_response_bytes
+                    .saturating_sub(id.len() + RESPONSE_OVERHEAD)
+                    / 4
+            )));
+        }
         if elements > self.max_elements_per_request {
-            let field = match input.batch {
-                BatchInput::Residuals(_) => "residuals",
-                _ => "gradient_norms",
-            };
             return Err(JobError::ResourceExhausted {
                 id: id.to_owned(),
                 reason: format!(
@@ -283,10 +325,17 @@ impl Registry {
                 ),
             });
         }
-        self.get(id)?.harmonize(input).await
+        Ok(())
     }
 
     pub fn update(&self, id: &str, update: &JobUpdate) -> Result<JobSnapshot, JobError> {
+        if let Some(change) = update.world_size {
+            check_world_size("world_size", change.world_size).map_err(JobError::InvalidSpec)?;
+        }
+        if let Some(timeout) = update.step_timeout {
+            check_step_timeout("step_timeout", timeout, self.max_step_timeout)
+                .map_err(JobError::InvalidSpec)?;
+        }
         let job = self.get(id)?;
         job.update(update)?;
         Ok(job.snapshot())
@@ -304,5 +353,86 @@ impl Registry {
         let job = self.get(id)?;
         job.restore(acc_sum, steps, elements, next_step)?;
         Ok(job.snapshot())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn spec(world_size: u32, step_timeout: Duration) -> JobSpec {
+        JobSpec {
+            ghm: ghm::Spec::new(ghm::Loss::GhmC, 10, 0.75, 0.0).unwrap(),
+            world_size,
+            step_timeout,
+            allow_partial_steps: false,
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new(RegistryLimits {
+            max_step_timeout: Duration::from_secs(5),
+            // The weights of 100 elements fit with the id "job", no more.
+            max_response_bytes: RESPONSE_OVERHEAD + "job".len() + 4 * 100,
+            ..RegistryLimits::default()
+        })
+    }
+
+    #[test]
+    fn create_refuses_a_spec_past_the_bounds_without_the_api() {
+        let registry = registry();
+        for (spec, message) in [
+            (
+                spec(1, Duration::from_secs(6)),
+                "spec.step_timeout = 6s: must be above 0 and at most 5s (--max-step-timeout)",
+            ),
+            (
+                spec(1, Duration::ZERO),
+                "spec.step_timeout = 0ns: must be above 0 and at most 5s (--max-step-timeout)",
+            ),
+            (
+                spec(crate::jobs::MAX_WORLD_SIZE + 1, Duration::from_secs(1)),
+                "spec.world_size = 65537: must be at most 65536",
+            ),
+        ] {
+            match registry.create("job", spec) {
+                Err(error @ JobError::InvalidSpec(_)) => assert_eq!(error.to_string(), message),
+                other => panic!("{message}: {other:?}"),
+            }
+        }
+        assert!(registry.is_empty());
+        assert!(
+            registry
+                .create("job", spec(2, Duration::from_secs(5)))
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_weights_cannot_be_sent_back_is_refused_before_its_step() {
+        let registry = registry();
+        registry
+            .create("job", spec(1, Duration::from_secs(1)))
+            .unwrap();
+        let input = |elements: usize| StepInput {
+            step: 0,
+            rank: 0,
+            batch: BatchInput::GradientNorms(Bytes::from(vec![0u8; 4 * elements])),
+            label_weights: None,
+        };
+        let refused = registry.harmonize("job", input(101)).await.unwrap_err();
+        assert!(
+            matches!(refused, JobError::ResponseTooLarge(_)),
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .to_string()
+                .starts_with("gradient_norms has 101 elements"),
+            "{refused}"
+        );
+        assert_eq!(registry.get("job").unwrap().snapshot().steps, 0);
+        registry.harmonize("job", input(100)).await.unwrap();
     }
 }

@@ -20,6 +20,26 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// The bounds every job keeps, checked wherever a spec comes in: `Registry::create` (field
+    /// names prefixed `spec.`, with `--max-step-timeout`) and a job read from a state file (no
+    /// prefix, and no step-timeout bound: a job saved before the operator lowered
+    /// `--max-step-timeout` is kept as it was). The reason names the field.
+    pub(super) fn check(
+        &self,
+        field_prefix: &str,
+        max_step_timeout: Option<Duration>,
+    ) -> Result<(), String> {
+        check_world_size(&format!("{field_prefix}world_size"), self.world_size)?;
+        if let Some(max) = max_step_timeout {
+            check_step_timeout(
+                &format!("{field_prefix}step_timeout"),
+                self.step_timeout,
+                max,
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn is_step_synchronous(&self) -> bool {
         self.world_size > 1
     }
@@ -30,6 +50,28 @@ impl JobSpec {
         self.world_size = self.world_size.max(1);
         self
     }
+}
+
+/// The world-size bound, the one place it is written; `field` names the value as the request
+/// (or the state file) spells it.
+pub fn check_world_size(field: &str, world_size: u32) -> Result<(), String> {
+    if world_size > MAX_WORLD_SIZE {
+        return Err(format!(
+            "{field} = {world_size}: must be at most {MAX_WORLD_SIZE}"
+        ));
+    }
+    Ok(())
+}
+
+/// The step-timeout bound: a zero timeout would abort every step at once, and `max` is the
+/// operator's `--max-step-timeout`.
+pub fn check_step_timeout(field: &str, timeout: Duration, max: Duration) -> Result<(), String> {
+    if timeout.is_zero() || timeout > max {
+        return Err(format!(
+            "{field} = {timeout:?}: must be above 0 and at most {max:?} (--max-step-timeout)"
+        ));
+    }
+    Ok(())
 }
 
 /// Job ids appear in metric labels, file names and log lines, so they are kept to a safe

@@ -1,5 +1,8 @@
 use super::Loss;
-use super::slots::SHIFT;
+
+/// 2^23: a float in [0, 2^22] plus this is rounded to an integer, which then sits in the low
+/// bits of the sum's mantissa.
+pub(super) const SHIFT: f32 = 8_388_608.0;
 
 /// The reference's float32 bin edges and the exact bin lookup over them.
 ///

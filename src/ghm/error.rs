@@ -1,21 +1,5 @@
 use std::fmt;
 
-/// A job spec the math cannot work with.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SpecError {
-    #[error("spec.bins = {bins}: must be 1 to {max}", max = super::MAX_BINS)]
-    Bins { bins: u32 },
-    #[error("spec.momentum = {momentum}: must be in [0, 1)")]
-    Momentum { momentum: f64 },
-    #[error(
-        "spec.mu = {mu}: must be > 0 with mu * mu a nonzero finite float32, about 3e-23 to 1.8e19 (0 selects the default {default})",
-        default = super::DEFAULT_MU
-    )]
-    Mu { mu: f64 },
-    #[error("spec.mu = {mu}: GHM-C has no mu, leave it 0")]
-    MuForGhmC { mu: f64 },
-}
-
 /// The request field an [`InputError`] is about, named as clients spell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputField {

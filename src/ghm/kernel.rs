@@ -2,41 +2,7 @@ use super::slots::{
     ByteLanes, CHUNK, Checks, CompareTally, Slot, Tally, WideLanes, bin_chunk, byte_lookup, f32_at,
     label_weight_ok, vectorised, weigh_slots,
 };
-use super::{BinEdges, BinTable, InputError, InputField, Loss};
-
-/// One batch's contribution to a step: what the EMA needs, nothing per element.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BatchCounts {
-    /// Valid elements (label weight > 0) per bin, M entries.
-    pub counts: Vec<u64>,
-    /// The raw tot, before the reference's `max(tot, 1)`: GHM-C, the number of valid elements;
-    /// GHM-R, the sum of all label weights. Summed over ranks before it is clamped.
-    pub tot: f64,
-}
-
-impl BatchCounts {
-    pub fn empty(bins: usize) -> Self {
-        Self {
-            counts: vec![0; bins],
-            tot: 0.0,
-        }
-    }
-
-    /// Adds another rank's counts. Integer counts make the sum independent of arrival order;
-    /// the tots of GHM-R are sums of float32 label weights in f64, exact for any realistic batch.
-    pub fn add(&mut self, other: &BatchCounts) {
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine = mine.saturating_add(*theirs);
-        }
-        self.tot += other.tot;
-    }
-
-    pub fn valid_elements(&self) -> u64 {
-        self.counts
-            .iter()
-            .fold(0u64, |sum, &c| sum.saturating_add(c))
-    }
-}
+use super::{BatchCounts, BinEdges, BinTable, InputError, InputField, Loss};
 
 /// Elements per validation block: small enough that finding the first bad index again is cheap,
 /// large enough that the check after each block costs nothing.

@@ -22,10 +22,10 @@ mod slots;
 mod spec;
 
 pub use bins::BinEdges;
-pub use density::{BinTable, Density};
-pub use error::{InputError, InputField, SpecError};
+pub use density::{BatchCounts, BinTable, Density};
+pub use error::{InputError, InputField};
 pub use kernel::{
-    BatchCounts, BinnedBatch, bin_batch, count_batch, float32_views, norms_from_residuals,
-    validate_histogram, write_weights,
+    BinnedBatch, bin_batch, count_batch, float32_views, norms_from_residuals, validate_histogram,
+    write_weights,
 };
-pub use spec::{DEFAULT_MU, Loss, MAX_BINS, Spec};
+pub use spec::{DEFAULT_MU, Loss, MAX_BINS, Spec, SpecError};

@@ -8,6 +8,7 @@
 //! from L1.
 
 use super::BinEdges;
+use super::bins::SHIFT;
 
 /// Elements binned at once into a scratch array on the stack: small enough to stay in L1
 /// between the vectorised binning and the histogram and lookups that read it.
@@ -48,10 +49,6 @@ impl Slot for u16 {
         usize::from(self)
     }
 }
-
-/// 2^23: a float in [0, 2^22] plus this is rounded to an integer, which then sits in the low
-/// bits of the sum's mantissa.
-pub(super) const SHIFT: f32 = 8_388_608.0;
 
 #[inline(always)]
 pub(super) fn f32_at(bytes: &[u8; 4]) -> f32 {

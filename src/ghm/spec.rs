@@ -1,11 +1,25 @@
-use super::error::SpecError;
-
 /// The largest bin count a job may ask for. mmdetection uses 10 to 30; 4096 keeps a job's state
 /// and every response table small while leaving room for experiments.
 pub const MAX_BINS: u32 = 4096;
 
 /// mmdetection's default ASL1 parameter for GHM-R.
 pub const DEFAULT_MU: f64 = 0.02;
+
+/// A job spec the math cannot work with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("spec.bins = {bins}: must be 1 to {max}", max = MAX_BINS)]
+    Bins { bins: u32 },
+    #[error("spec.momentum = {momentum}: must be in [0, 1)")]
+    Momentum { momentum: f64 },
+    #[error(
+        "spec.mu = {mu}: must be > 0 with mu * mu a nonzero finite float32, about 3e-23 to 1.8e19 (0 selects the default {default})",
+        default = DEFAULT_MU
+    )]
+    Mu { mu: f64 },
+    #[error("spec.mu = {mu}: GHM-C has no mu, leave it 0")]
+    MuForGhmC { mu: f64 },
+}
 
 /// Which GHM loss a job weighs for. The two differ in their last bin edge and in how `tot` is
 /// counted, nothing else.

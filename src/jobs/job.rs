@@ -1,10 +1,19 @@
-use std::sync::Arc;
+//! One job: its spec, its EMA density and counters, and how a request becomes a step, at once
+//! for an asynchronous job, through the step barrier (`sync`) for a step-synchronous one. The
+//! job's lock is held only for the O(bins) fold of a step and the barrier's bookkeeping; the
+//! O(elements) passes run outside it, large ones on the blocking pool.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::sync::{Joined, SyncState};
+use super::sync::{
+    Deadline, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier, StepFailure,
+    WorldSizeChange,
+};
 use super::{JobError, JobSpec, StepObserver, check_world_size};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
 
@@ -67,13 +76,6 @@ pub struct StepOutcome {
     pub applied: Arc<AppliedStep>,
 }
 
-/// A change of world size that takes effect at `from_step` (elastic training).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WorldSizeChange {
-    pub from_step: u64,
-    pub world_size: u32,
-}
-
 /// A job's spec and state as of one moment, for GetJob, ListJobs and snapshots.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSnapshot {
@@ -111,15 +113,24 @@ pub struct JobUpdate {
     pub allow_partial_steps: Option<bool>,
 }
 
-pub(super) struct JobState {
-    pub density: Density,
-    pub steps: u64,
-    pub elements: u64,
-    pub update_time: SystemTime,
-    pub step_timeout: Duration,
-    pub allow_partial_steps: bool,
+/// The step barrier of a job: each rank contributes its batch's counts, every rank of a step
+/// gets the step's applied outcome.
+type Barrier = StepBarrier<BatchCounts, Arc<AppliedStep>>;
+
+/// What the steps of a job have made of it.
+struct Progress {
+    density: Density,
+    steps: u64,
+    elements: u64,
+    update_time: SystemTime,
+}
+
+struct JobState {
+    progress: Progress,
+    step_timeout: Duration,
+    allow_partial_steps: bool,
     /// Some iff the job is step-synchronous; boxed so that an idle asynchronous job stays small.
-    pub sync: Option<Box<SyncState>>,
+    sync: Option<Box<Barrier>>,
 }
 
 pub struct Job {
@@ -127,16 +138,16 @@ pub struct Job {
     ghm: ghm::Spec,
     edges: BinEdges,
     create_time: SystemTime,
-    pub(super) context: Arc<JobContext>,
+    context: Arc<JobContext>,
     /// A `parking_lot` mutex and not a tokio one: it is never held across an await, and the
     /// critical sections are O(bins) updates, so blocking briefly beats a queue of wakers.
-    pub(super) state: Mutex<JobState>,
+    state: Mutex<JobState>,
 }
 
 /// A batch after pass one: validated, its counts taken out, ready to be weighed once its step's
 /// table is known. It keeps one byte per element (its bin), not the request's norms and label
 /// weights, so that a step waiting for its other ranks holds an eighth of the memory.
-pub(super) struct PreparedBatch {
+struct PreparedBatch {
     /// `None` for a histogram input: there are no elements to weigh.
     binned: Option<BinnedBatch>,
 }
@@ -150,16 +161,23 @@ impl PreparedBatch {
 impl Job {
     pub(super) fn new(id: String, spec: JobSpec, context: Arc<JobContext>) -> Self {
         let now = SystemTime::now();
-        let sync = spec
-            .is_step_synchronous()
-            .then(|| Box::new(SyncState::new(spec.world_size, 0, Vec::new())));
+        let sync = spec.is_step_synchronous().then(|| {
+            Box::new(Barrier::new(
+                spec.world_size,
+                0,
+                Vec::new(),
+                context.kept_steps,
+            ))
+        });
         Self {
             edges: BinEdges::new(spec.ghm.loss(), spec.ghm.bins()),
             state: Mutex::new(JobState {
-                density: Density::new(spec.ghm.bins()),
-                steps: 0,
-                elements: 0,
-                update_time: now,
+                progress: Progress {
+                    density: Density::new(spec.ghm.bins()),
+                    steps: 0,
+                    elements: 0,
+                    update_time: now,
+                },
                 step_timeout: spec.step_timeout,
                 allow_partial_steps: spec.allow_partial_steps,
                 sync,
@@ -193,19 +211,22 @@ impl Job {
                 reason,
             })?;
         let sync = snapshot.spec.is_step_synchronous().then(|| {
-            Box::new(SyncState::new(
+            Box::new(Barrier::new(
                 snapshot.spec.world_size,
                 snapshot.next_step,
                 snapshot.world_size_schedule.clone(),
+                context.kept_steps,
             ))
         });
         Ok(Self {
             edges: BinEdges::new(snapshot.spec.ghm.loss(), snapshot.spec.ghm.bins()),
             state: Mutex::new(JobState {
-                density: Density::from_acc_sum(snapshot.acc_sum),
-                steps: snapshot.steps,
-                elements: snapshot.elements,
-                update_time: snapshot.update_time,
+                progress: Progress {
+                    density: Density::from_acc_sum(snapshot.acc_sum),
+                    steps: snapshot.steps,
+                    elements: snapshot.elements,
+                    update_time: snapshot.update_time,
+                },
                 step_timeout: snapshot.spec.step_timeout,
                 allow_partial_steps: snapshot.spec.allow_partial_steps,
                 sync,
@@ -223,10 +244,6 @@ impl Job {
 
     pub fn loss(&self) -> Loss {
         self.ghm.loss()
-    }
-
-    pub(super) fn spec_bins(&self) -> usize {
-        self.ghm.bins()
     }
 
     pub fn spec(&self) -> JobSpec {
@@ -255,7 +272,7 @@ impl Job {
         }
         // A clock that went back makes the job look fresh, never stale.
         Some(
-            now.duration_since(state.update_time)
+            now.duration_since(state.progress.update_time)
                 .unwrap_or(Duration::ZERO),
         )
     }
@@ -273,24 +290,24 @@ impl Job {
         JobSnapshot {
             id: self.id.clone(),
             spec: self.spec_locked(&state),
-            acc_sum: state.density.acc_sum().to_vec(),
-            steps: state.steps,
-            elements: state.elements,
+            acc_sum: state.progress.density.acc_sum().to_vec(),
+            steps: state.progress.steps,
+            elements: state.progress.elements,
             next_step,
             world_size_schedule,
             create_time: self.create_time,
-            update_time: state.update_time,
+            update_time: state.progress.update_time,
         }
     }
 
-    pub(super) fn input_error(&self, source: ghm::InputError) -> JobError {
+    fn input_error(&self, source: ghm::InputError) -> JobError {
         JobError::Input {
             id: self.id.clone(),
             source,
         }
     }
 
-    pub(super) fn invalid_request(&self, reason: impl Into<String>) -> JobError {
+    fn invalid_request(&self, reason: impl Into<String>) -> JobError {
         JobError::InvalidRequest {
             id: self.id.clone(),
             reason: reason.into(),
@@ -298,10 +315,7 @@ impl Job {
     }
 
     /// Pass one, outside any lock: checks the request against the job and counts its bins.
-    pub(super) fn prepare(
-        &self,
-        input: &StepInput,
-    ) -> Result<(PreparedBatch, BatchCounts), JobError> {
+    fn prepare(&self, input: &StepInput) -> Result<(PreparedBatch, BatchCounts), JobError> {
         let spec = &self.ghm;
         let label_weights = input.label_weights.clone();
         let (binned, counts) = match &input.batch {
@@ -370,20 +384,20 @@ impl Job {
     }
 
     /// The one place a job's density changes: called with the job's lock held.
-    pub(super) fn apply_locked(
+    fn apply_locked(
         &self,
-        state: &mut JobState,
+        progress: &mut Progress,
         counts: &BatchCounts,
         ranks: usize,
         missing_ranks: Vec<u32>,
     ) -> Arc<AppliedStep> {
-        let table = state.density.step(self.ghm.momentum(), counts);
+        let table = progress.density.step(self.ghm.momentum(), counts);
         // Saturating like `elements`: a restored or loaded job may start at u64::MAX.
-        state.steps = state.steps.saturating_add(1);
-        state.elements = state.elements.saturating_add(counts.valid_elements());
-        state.update_time = SystemTime::now();
+        progress.steps = progress.steps.saturating_add(1);
+        progress.elements = progress.elements.saturating_add(counts.valid_elements());
+        progress.update_time = SystemTime::now();
         let acc_sum = if self.ghm.uses_ema() {
-            state.density.acc_sum().to_vec()
+            progress.density.acc_sum().to_vec()
         } else {
             Vec::new()
         };
@@ -401,7 +415,7 @@ impl Job {
     }
 
     /// Pass two, outside any lock: this request's element weights from its step's table.
-    pub(super) fn weigh(&self, batch: &PreparedBatch, table: &BinTable) -> Option<Vec<u8>> {
+    fn weigh(&self, batch: &PreparedBatch, table: &BinTable) -> Option<Vec<u8>> {
         let binned = batch.binned.as_ref()?;
         self.context
             .observer
@@ -420,7 +434,7 @@ impl Job {
         let (batch, counts) = self.prepare(input)?;
         let applied = {
             let mut state = self.state.lock();
-            self.apply_locked(&mut state, &counts, 1, Vec::new())
+            self.apply_locked(&mut state.progress, &counts, 1, Vec::new())
         };
         let weights = self.weigh(&batch, &applied.table);
         Ok(StepOutcome {
@@ -474,6 +488,258 @@ impl Job {
     }
 }
 
+/// Step-synchronous jobs: driving the barrier under the job's lock, its timers, and the
+/// changes UpdateJob, RestoreJob and DeleteJob make.
+impl Job {
+    fn sync_error(&self, reason: &str) -> JobError {
+        JobError::Internal(format!("job {:?}: {reason}", self.id()))
+    }
+
+    fn step_failed(&self, step: u64, failure: StepFailure) -> JobError {
+        let id = self.id().to_owned();
+        let reason = match failure {
+            StepFailure::TimedOut { missing, timeout } => format!(
+                "step {step} aborted: rank(s) {} did not send it within the step_timeout of \
+                 {timeout:?}; nothing was applied, send the step again",
+                ranks_list(&missing)
+            ),
+            StepFailure::Blocked { head, timeout } => format!(
+                "step {step} aborted: it was complete, but step {head} (the job's next step) did \
+                 not complete within the step_timeout of {timeout:?}; nothing was applied, send \
+                 step {head} and then this step again"
+            ),
+            StepFailure::Superseded => format!(
+                "step {step}: the same rank sent this step again; the newer request replaced \
+                 this one"
+            ),
+            StepFailure::Restored => {
+                format!("step {step} aborted: the job was restored from a checkpoint meanwhile")
+            }
+            StepFailure::Deleted => {
+                format!("step {step} aborted: the job was deleted while the step waited")
+            }
+        };
+        JobError::Aborted { id, reason }
+    }
+
+    fn step_dropped(&self, step: u64) -> JobError {
+        self.step_failed(step, StepFailure::Deleted)
+    }
+
+    /// Adds one rank's counts to its step, applies every step that is now ready in order, and
+    /// tells the caller how to get its step's outcome.
+    fn contribute(
+        self: &Arc<Self>,
+        step: u64,
+        rank: u32,
+        counts: BatchCounts,
+    ) -> Result<Joined<Arc<AppliedStep>>, JobError> {
+        let (joined, new_attempt) = {
+            let mut state = self.state.lock();
+            let timeout = state.step_timeout;
+            let JobState { progress, sync, .. } = &mut *state;
+            let Some(sync) = sync.as_mut() else {
+                return Err(self.sync_error("not step-synchronous"));
+            };
+            let (joined, new_attempt) = sync
+                .join(step, rank, counts, self.context.max_pending_steps)
+                .map_err(|refusal| self.join_refused(step, rank, refusal))?;
+            sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            (joined, new_attempt.map(|generation| (generation, timeout)))
+        };
+        if let Some((generation, timeout)) = new_attempt {
+            self.arm_deadline(step, generation, timeout);
+        }
+        Ok(joined)
+    }
+
+    fn join_refused(&self, step: u64, rank: u32, refusal: JoinRefusal) -> JobError {
+        match refusal {
+            JoinRefusal::Expired { next_step } => JobError::StepExpired {
+                id: self.id().to_owned(),
+                reason: format!(
+                    "step {step} was applied, and its table is no longer kept: the job is at \
+                     step {next_step} and keeps the last {kept} (--kept-steps)",
+                    kept = self.context.kept_steps
+                ),
+            },
+            JoinRefusal::ReservedStep => self.invalid_request(
+                "step = 18446744073709551615: the last step number is reserved; steps must stay \
+                 below 2^64 - 1",
+            ),
+            JoinRefusal::RankOutOfRange { world_size } => self.invalid_request(format!(
+                "rank = {rank}: step {step} has world_size {world_size}, so ranks are 0 to {}",
+                world_size.saturating_sub(1)
+            )),
+            JoinRefusal::TooManyPending { pending, next_step } => JobError::ResourceExhausted {
+                id: self.id().to_owned(),
+                reason: format!(
+                    "{pending} steps are already pending, the limit (--max-pending-steps {}); \
+                     step {next_step} must complete first",
+                    self.context.max_pending_steps,
+                ),
+            },
+        }
+    }
+
+    /// The job's side of a ready step: the ranks' counts summed in rank order, folded into the
+    /// density.
+    fn apply_ready_step(
+        &self,
+        progress: &mut Progress,
+        ready: ReadyStep<BatchCounts>,
+    ) -> Arc<AppliedStep> {
+        let mut total = BatchCounts::empty(progress.density.acc_sum().len());
+        for counts in &ready.contributions {
+            total.add(counts);
+        }
+        if let Some(wait) = ready.last_rank_wait {
+            self.context.observer.last_rank_wait(wait);
+        }
+        self.apply_locked(
+            progress,
+            &total,
+            ready.contributions.len(),
+            ready.missing_ranks,
+        )
+    }
+
+    /// A timer task per step attempt. It holds the job weakly, so a deleted job is not kept.
+    fn arm_deadline(self: &Arc<Self>, step: u64, generation: u64, timeout: Duration) {
+        let job: Weak<Job> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(job) = job.upgrade() {
+                job.on_deadline(step, generation);
+            }
+        });
+    }
+
+    fn on_deadline(self: &Arc<Self>, step: u64, generation: u64) {
+        let (deadline, timeout) = {
+            let mut state = self.state.lock();
+            let timeout = state.step_timeout;
+            let allow_partial = state.allow_partial_steps;
+            let JobState { progress, sync, .. } = &mut *state;
+            let Some(sync) = sync.as_mut() else {
+                return;
+            };
+            let deadline = sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
+                self.apply_ready_step(progress, ready)
+            });
+            (deadline, timeout)
+        };
+        match deadline {
+            Deadline::Rearm => self.arm_deadline(step, generation, timeout),
+            Deadline::Handled { timed_out: true } => self.context.observer.step_timed_out(),
+            Deadline::Handled { timed_out: false } | Deadline::Nothing => {}
+        }
+    }
+
+    /// Changes the world size from a step on, the step timeout, or partial steps.
+    pub(super) fn update(&self, update: &JobUpdate) -> Result<(), JobError> {
+        let mut state = self.state.lock();
+        if let Some(change) = update.world_size {
+            let Some(sync) = state.sync.as_mut() else {
+                return Err(JobError::FailedPrecondition {
+                    id: self.id().to_owned(),
+                    reason:
+                        "world_size: the job is asynchronous (created with world_size 0 or 1); \
+                             create a step-synchronous job instead"
+                            .to_owned(),
+                });
+            };
+            sync.change_world_size(change)
+                .map_err(|refusal| JobError::FailedPrecondition {
+                    id: self.id().to_owned(),
+                    reason: match refusal {
+                        ScheduleRefusal::AlreadyApplied { next_step } => format!(
+                            "from_step = {}: the job already applied steps up to {}; choose \
+                             from_step >= {next_step}",
+                            change.from_step,
+                            next_step.saturating_sub(1),
+                        ),
+                        ScheduleRefusal::RankAlreadySent { step, rank } => format!(
+                            "world_size = {}: rank {rank} already sent step {step}, which would \
+                             be past the new world size",
+                            change.world_size
+                        ),
+                    },
+                })?;
+        }
+        if let Some(timeout) = update.step_timeout {
+            state.step_timeout = timeout;
+        }
+        if let Some(allow) = update.allow_partial_steps {
+            state.allow_partial_steps = allow;
+        }
+        state.progress.update_time = SystemTime::now();
+        // A smaller world size may have completed pending steps.
+        let JobState { progress, sync, .. } = &mut *state;
+        if let Some(sync) = sync.as_mut() {
+            sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+        }
+        Ok(())
+    }
+
+    /// Puts the job back to a checkpoint: its density, counters and next step. Pending steps
+    /// are aborted and the kept tables dropped, since they belong to another history.
+    pub(super) fn restore(
+        &self,
+        acc_sum: Vec<f32>,
+        steps: u64,
+        elements: u64,
+        next_step: u64,
+    ) -> Result<(), JobError> {
+        check_acc_sum(self.id(), &acc_sum, self.ghm.bins())?;
+        if next_step == u64::MAX {
+            return Err(self.invalid_request(
+                "state.next_step = 18446744073709551615: steps must stay below 2^64 - 1",
+            ));
+        }
+        let mut state = self.state.lock();
+        match state.sync.as_mut() {
+            Some(sync) => sync.restart_at(next_step),
+            None if next_step != 0 => {
+                return Err(self.invalid_request(format!(
+                    "state.next_step = {next_step}: only step-synchronous jobs have a next step; \
+                     leave it 0"
+                )));
+            }
+            None => {}
+        }
+        state.progress = Progress {
+            density: Density::from_acc_sum(acc_sum),
+            steps,
+            elements,
+            update_time: SystemTime::now(),
+        };
+        Ok(())
+    }
+
+    /// Ends every waiting request of a job that is going away.
+    pub(super) fn close(&self) {
+        let mut state = self.state.lock();
+        if let Some(sync) = state.sync.as_mut() {
+            sync.fail_all_pending(|| StepFailure::Deleted);
+        }
+    }
+}
+
+/// The missing ranks for a status message, which travels in an HTTP/2 header: a job of 65,536
+/// ranks must not make it hundreds of kilobytes long.
+fn ranks_list(ranks: &[u32]) -> String {
+    const SHOWN: usize = 16;
+    let mut text = String::new();
+    for (i, rank) in ranks.iter().take(SHOWN).enumerate() {
+        let _ = write!(text, "{}{rank}", if i == 0 { "" } else { ", " });
+    }
+    if ranks.len() > SHOWN {
+        let _ = write!(text, " and {} more", ranks.len() - SHOWN);
+    }
+    text
+}
+
 /// The largest raw tot one request may carry. A GHM-R tot is a sum of label weights, which may
 /// be anything finite, and a weight is at most tot / ((1 - momentum) * 1) before rounding: past
 /// this bound it would overflow float32 and weigh elements by infinity (the fuzzer found it).
@@ -494,7 +760,7 @@ async fn offload<T: Send + 'static>(
 }
 
 /// Checks a restored density: one finite, non-negative value per bin.
-pub(super) fn check_acc_sum(id: &str, acc_sum: &[f32], bins: usize) -> Result<(), JobError> {
+fn check_acc_sum(id: &str, acc_sum: &[f32], bins: usize) -> Result<(), JobError> {
     let reason = if acc_sum.len() != bins {
         format!(
             "state.acc_sum has {} entries: the job has {bins} bins",

@@ -13,11 +13,10 @@ mod spec;
 mod sync;
 
 pub use error::JobError;
-pub use job::{
-    AppliedStep, BatchInput, Job, JobSnapshot, JobUpdate, StepInput, StepOutcome, WorldSizeChange,
-};
+pub use job::{AppliedStep, BatchInput, Job, JobSnapshot, JobUpdate, StepInput, StepOutcome};
 pub use observer::{NoObserver, StepObserver};
 pub use registry::{ListPage, Registry, RegistryLimits};
 pub use spec::{
     JobSpec, MAX_JOB_ID_LEN, MAX_WORLD_SIZE, check_step_timeout, check_world_size, validate_job_id,
 };
+pub use sync::WorldSizeChange;

@@ -155,11 +155,13 @@ impl Server {
             .local_addr()
             .unwrap_or(config.metrics_listen);
 
-        // Two moments of a stop, each one signal for every task it concerns: `draining` when
+        // The moments of a stop, each one signal for every task it concerns: `draining` when
         // `shutdown` completes (gRPC stops accepting, the grace period starts), `stopped` once
-        // gRPC has finished (the background tasks end, the last snapshot is taken).
+        // gRPC has finished (the background tasks end, the last snapshot is taken), `closed`
+        // after that (the HTTP listener, so that /metrics is there until the very end).
         let draining = Stopper::new();
         let stopped = Stopper::new();
+        let closed = Stopper::new();
 
         let readiness = Readiness::default();
         let probes = tokio::spawn(crate::probes::serve(
@@ -167,8 +169,8 @@ impl Server {
             exposition,
             readiness.clone(),
             {
-                let mut stopped = stopped.signal();
-                async move { stopped.recv().await }
+                let mut closed = closed.signal();
+                async move { closed.recv().await }
             },
         ));
         tracing::info!(addr = %metrics_addr, "ghmd serving /metrics, /healthz and /readyz");
@@ -276,7 +278,7 @@ impl Server {
             reaper,
             reloader,
         };
-        let stopped_cleanly = background.stop(stopped).await;
+        let stopped_cleanly = background.stop(stopped, closed).await;
         served?;
         stopped_cleanly?;
         tracing::info!("ghmd stopped");
@@ -291,7 +293,8 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// The tasks that run beside gRPC, each until the server's `stopped` signal.
+/// The tasks that run beside gRPC, until the server's `stopped` signal (the HTTP listener until
+/// `closed`).
 struct Background {
     probes: JoinHandle<std::io::Result<()>>,
     /// `None` with `--in-memory`.
@@ -303,7 +306,7 @@ struct Background {
 impl Background {
     /// Ends every task once gRPC has finished. The last snapshot comes after the last request,
     /// so that a planned restart loses nothing; it is written even if serving failed.
-    async fn stop(self, stopped: Stopper) -> Result<(), ServeError> {
+    async fn stop(self, stopped: Stopper, closed: Stopper) -> Result<(), ServeError> {
         stopped.stop();
         let mut snapshot_result = Ok(());
         if let Some(task) = self.snapshotter {
@@ -323,6 +326,7 @@ impl Background {
                 tracing::error!(%error, "the {what} task failed");
             }
         }
+        closed.stop();
         match self.probes.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "the metrics listener failed"),

@@ -1,3 +1,7 @@
+//! Proto messages to the registry's domain types and back. What is wrong in a message as such
+//! (an unset field, an unknown enum value, a malformed Duration) is refused here; the bounds a
+//! job keeps are the registry's to check.
+
 use std::time::Duration;
 
 use tonic::Status;

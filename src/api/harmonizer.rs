@@ -1,3 +1,7 @@
+//! The `ghm.v1.Harmonizer` service: each RPC authorizes the caller for the job, converts the
+//! request, asks the registry and converts the answer. A stream is a task that handles its
+//! requests in order.
+
 use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

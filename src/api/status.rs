@@ -1,3 +1,6 @@
+//! Domain errors to gRPC statuses, in one place, so that every refusal of the same kind has the
+//! same code.
+
 use tonic::{Code, Status};
 
 use crate::jobs::JobError;

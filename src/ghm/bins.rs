@@ -1,3 +1,6 @@
+//! The bin edges of a job and the two ways to find a norm's bin: the reference's exact
+//! comparisons, and the branch-free arithmetic the kernels use, which agrees with them.
+
 use super::Loss;
 
 /// 2^23: a float in [0, 2^22] plus this is rounded to an integer, which then sits in the low

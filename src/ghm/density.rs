@@ -1,3 +1,6 @@
+//! The state a step folds into: a batch's bin counts, the job's EMA density, and the table of
+//! bin weights a step yields.
+
 /// One batch's contribution to a step: what the EMA needs, nothing per element.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchCounts {

@@ -1,3 +1,5 @@
+//! What is wrong with a batch, naming the request field and the index, as clients spell them.
+
 use std::fmt;
 
 /// The request field an [`InputError`] is about, named as clients spell it.

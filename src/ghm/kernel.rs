@@ -1,3 +1,6 @@
+//! The O(elements) passes over a batch: validating and binning its norms (keeping each
+//! element's bin, or only counting), and writing each element's weight from a step's table.
+
 use super::slots::{
     ByteLanes, CHUNK, Checks, CompareTally, Slot, Tally, WideLanes, bin_chunk, byte_lookup, f32_at,
     label_weight_ok, vectorised, weigh_slots,

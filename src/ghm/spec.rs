@@ -1,3 +1,6 @@
+//! A job's GHM parameters (loss, bins, momentum, mu), checked once where they are made, so that
+//! the kernels need not check them again.
+
 /// The largest bin count a job may ask for. mmdetection uses 10 to 30; 4096 keeps a job's state
 /// and every response table small while leaving room for experiments.
 pub const MAX_BINS: u32 = 4096;

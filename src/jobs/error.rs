@@ -1,3 +1,5 @@
+//! Why the registry refused a request; `api::status` maps each kind to one gRPC code.
+
 use crate::ghm::InputError;
 
 /// Why the registry refused a request. Each variant maps to one gRPC status in `api::status`.

@@ -1,3 +1,6 @@
+//! The registry's report of what happens to jobs, for the metrics to count without the
+//! registry knowing of Prometheus.
+
 use std::time::Duration;
 
 use crate::ghm::Loss;

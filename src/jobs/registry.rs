@@ -1,3 +1,6 @@
+//! The job registry: every job of the server by id, the limits a request is checked against
+//! before it reaches its job, and the background task that deletes idle jobs.
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};

@@ -1,3 +1,6 @@
+//! What a job is created with, the bounds every job keeps (world size, step timeout), and the
+//! job id's alphabet: each written once, for every way a spec comes in.
+
 use std::time::Duration;
 
 use super::JobError;

@@ -4,6 +4,10 @@
 //! out of the map and lets go of the shard at once, so no shard lock is ever held across an
 //! await or across the O(elements) kernel passes; a job's own lock is held only while its
 //! O(bins) density update runs.
+//!
+//! `registry` holds the jobs and checks a request's size limits; `job` is one job and how a
+//! request becomes its step; `sync` is the step barrier of step-synchronous jobs, which knows
+//! nothing of the job; `spec` holds the bounds every job keeps.
 
 mod error;
 mod job;

@@ -1,12 +1,11 @@
 //! `ghmd bench`, briefly: every mode runs against a real server and reports what it measured.
 //! The figures themselves live in BENCHMARKS.md, not in tests.
 
-mod common;
-
 use clap::Parser;
-use common::TestServer;
 use ghmd::bench::{JobsOutcome, StepsReport};
 use ghmd::config::BenchArgs;
+
+use crate::support::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_target_every_mode_reports_and_no_job_is_left_behind() {

@@ -27,6 +27,34 @@ async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) ->
         .unwrap_or_else(|_| panic!("{what} hung"))
 }
 
+/// The ranks of `ranks` send their shard of `step` at once, each on its own connection, as
+/// separate worker processes would: their answers, each bounded in time and applied.
+async fn ranks_apply(
+    uri: &str,
+    job_id: &str,
+    step: u64,
+    shards: &[Vec<f32>],
+    ranks: std::ops::Range<u32>,
+    what: &str,
+) -> Vec<HarmonizeResponse> {
+    let mut tasks = Vec::new();
+    for rank in ranks {
+        let (uri, job_id) = (uri.to_owned(), job_id.to_owned());
+        let norms = shards[rank as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut worker = Client::connect(uri).await.expect("connect");
+            worker
+                .harmonize_norms(&job_id, step, rank, &norms, None)
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(bounded(what, task).await.expect("task").expect("applied").0);
+    }
+    answers
+}
+
 /// The state one process would have after weighing the concatenation of `shards` once: an
 /// asynchronous job fed the global batch.
 async fn reference(client: &mut Client, job_id: &str, shards: &[Vec<f32>]) -> HarmonizeResponse {
@@ -238,27 +266,15 @@ async fn a_worker_killed_mid_step_costs_the_others_one_timeout_and_the_step_appl
 
     // The restarted worker and the others send step 0 again: it applies once, as one process
     // would have weighed the global batch.
-    let mut tasks = Vec::new();
-    for rank in 0..3u32 {
-        let uri = server.uri();
-        let norms = shards[rank as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms("kill/job", 0, rank, &norms, None)
-                .await
-        }));
-    }
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(
-            bounded("the retried step", task)
-                .await
-                .expect("task")
-                .expect("applied")
-                .0,
-        );
-    }
+    let answers = ranks_apply(
+        &server.uri(),
+        "kill/job",
+        0,
+        &shards,
+        0..3,
+        "the retried step",
+    )
+    .await;
     let expected = reference(&mut client, "kill/reference", &shards).await;
     for answer in &answers {
         assert_eq!(bits(&answer.bin_weights), bits(&expected.bin_weights));
@@ -303,27 +319,7 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // The others arrive: the step completes with rank 0's contribution, and they are answered.
-    let mut tasks = Vec::new();
-    for rank in 1..3u32 {
-        let uri = server.uri();
-        let norms = shards[rank as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms("gone/job", 0, rank, &norms, None)
-                .await
-        }));
-    }
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(
-            bounded("ranks 1 and 2", task)
-                .await
-                .expect("task")
-                .expect("applied")
-                .0,
-        );
-    }
+    let answers = ranks_apply(&server.uri(), "gone/job", 0, &shards, 1..3, "ranks 1 and 2").await;
     let expected = reference(&mut client, "gone/reference", &shards).await;
     for answer in &answers {
         assert_eq!(
@@ -377,23 +373,7 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
         let waited = tokio::time::timeout(Duration::from_millis(300), responses.message()).await;
         assert!(waited.is_err(), "step 1 cannot complete yet");
     }
-    let mut tasks = Vec::new();
-    for rank in 1..3u32 {
-        let uri = server.uri();
-        let norms = shards[rank as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms("gone/job", 1, rank, &norms, None)
-                .await
-        }));
-    }
-    for task in tasks {
-        bounded("step 1", task)
-            .await
-            .expect("task")
-            .expect("applied");
-    }
+    ranks_apply(&server.uri(), "gone/job", 1, &shards, 1..3, "step 1").await;
     let state = client
         .get_job("gone/job")
         .await
@@ -427,27 +407,7 @@ fn step_shards(step: u64) -> Vec<Vec<f32>> {
 }
 
 async fn both_ranks(uri: &str, job_id: &str, step: u64) -> Vec<HarmonizeResponse> {
-    let mut tasks = Vec::new();
-    for (rank, norms) in step_shards(step).into_iter().enumerate() {
-        let (uri, job_id) = (uri.to_owned(), job_id.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms(&job_id, step, rank as u32, &norms, None)
-                .await
-        }));
-    }
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(
-            bounded("a step", task)
-                .await
-                .expect("task")
-                .expect("applied")
-                .0,
-        );
-    }
-    answers
+    ranks_apply(uri, job_id, step, &step_shards(step), 0..2, "a step").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,16 +19,14 @@ use std::time::{Duration, Instant};
 
 use ghmd::client::{Client, norms_request};
 use ghmd::proto::{HarmonizeRequest, HarmonizeResponse};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::support::binary::{Ghmd, Launch};
-use crate::support::ghm_c;
 use crate::support::spec::with_world;
+use crate::support::{SplitMix, ghm_c};
 
 const RANKS: u32 = 4;
 
@@ -97,14 +95,9 @@ impl Stream {
     }
 }
 
-fn batch(rng: &mut StdRng) -> Vec<f32> {
-    let len = rng.random_range(1..2048);
-    (0..len)
-        .map(|_| {
-            let u: f32 = rng.random();
-            if rng.random_bool(0.7) { u.powi(4) } else { u }
-        })
-        .collect()
+fn batch(rng: &mut SplitMix) -> Vec<f32> {
+    let len = rng.range(1..2048);
+    (0..len).map(|_| rng.detector_norm()).collect()
 }
 
 /// An asynchronous job's stream: steps until the deadline; one in `provoke_every` messages is
@@ -117,7 +110,7 @@ async fn async_worker(
     provoke_every: Option<u64>,
     acked: Arc<AtomicU64>,
 ) -> Tally {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix(seed);
     let mut tally = Tally::default();
     let mut stream = match Stream::open(&channel).await {
         Ok(stream) => stream,
@@ -184,7 +177,7 @@ async fn sync_worker(
     last_step: Arc<AtomicU64>,
     completed: Arc<AtomicU64>,
 ) -> Tally {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix(seed);
     let mut tally = Tally::default();
     let mut stream = match Stream::open(&channel).await {
         Ok(stream) => stream,

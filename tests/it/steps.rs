@@ -11,12 +11,10 @@ use ghmd::proto::{
     self, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec,
     RestoreJobRequest, UpdateJobRequest,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tonic::Code;
 
 use crate::support::spec::{of_loss, with_world};
-use crate::support::{TestServer, bits, ghm_c, le, step_synchronous};
+use crate::support::{SplitMix, TestServer, bits, ghm_c, le, step_synchronous};
 
 #[derive(Clone, Debug)]
 struct Shard {
@@ -24,21 +22,15 @@ struct Shard {
     label_weights: Vec<f32>,
 }
 
-fn random_shard(rng: &mut StdRng, loss: Loss) -> Shard {
-    let len = if rng.random_bool(0.15) {
+fn random_shard(rng: &mut SplitMix, loss: Loss) -> Shard {
+    let len = if rng.chance(0.15) {
         0
     } else {
-        rng.random_range(1..400)
+        rng.range(1..400)
     };
-    let norms = (0..len)
-        .map(|_| {
-            // Mostly easy examples near 0, as in a detector's flood of negatives.
-            let u: f32 = rng.random();
-            if rng.random_bool(0.7) { u.powi(4) } else { u }
-        })
-        .collect();
+    let norms = (0..len).map(|_| rng.detector_norm()).collect();
     let label_weights = (0..len)
-        .map(|_| match (loss, rng.random_range(0..10)) {
+        .map(|_| match (loss, rng.below(10)) {
             (_, 0) => 0.0,
             (Loss::GhmR, 1) => 0.5,
             (Loss::GhmR, 2) => 2.0,
@@ -179,7 +171,7 @@ async fn run_distributed(world_size: u32, loss: Loss, histogram_ranks: u32, seed
     let momentum = 0.75;
     let server = TestServer::start().await;
     let job_id = format!("dist/w{world_size}/h{histogram_ranks}/{loss:?}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix(seed);
     let shards: Vec<Vec<Shard>> = (0..STEPS)
         .map(|_| {
             (0..world_size)
@@ -205,12 +197,12 @@ async fn run_distributed(world_size: u32, loss: Loss, histogram_ranks: u32, seed
             .map(|step| step[rank as usize].clone())
             .collect();
         let job_id = job_id.clone();
-        let mut delays = StdRng::seed_from_u64(seed * 1000 + u64::from(rank));
+        let mut delays = SplitMix(seed * 1000 + u64::from(rank));
         let sends_histograms = rank < histogram_ranks;
         tasks.push(tokio::spawn(async move {
             let mut answers = Vec::new();
             for (step, shard) in shards.iter().enumerate() {
-                tokio::time::sleep(Duration::from_micros(delays.random_range(0..3000))).await;
+                tokio::time::sleep(Duration::from_micros(delays.below(3000))).await;
                 let request = if sends_histograms {
                     histogram_request(&job_id, step as u64, rank, loss, BINS, shard)
                 } else {
@@ -299,7 +291,7 @@ async fn get_state(client: &mut Client, job_id: &str) -> proto::JobState {
 }
 
 fn small_shard(seed: u64) -> Shard {
-    random_shard(&mut StdRng::seed_from_u64(seed), Loss::GhmC)
+    random_shard(&mut SplitMix(seed), Loss::GhmC)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

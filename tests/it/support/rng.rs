@@ -20,4 +20,21 @@ impl SplitMix {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+
+    /// Uniform in `range` (its end excluded).
+    pub fn range(&mut self, range: std::ops::Range<u64>) -> u64 {
+        range.start + self.below(range.end - range.start)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    /// A gradient norm in [0, 1] as a detector makes them: mostly easy examples near 0, as in
+    /// its flood of negatives.
+    pub fn detector_norm(&mut self) -> f32 {
+        let u = self.unit();
+        if self.chance(0.7) { u.powi(4) } else { u }
+    }
 }

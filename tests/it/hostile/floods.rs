@@ -5,12 +5,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ghmd::client::{f32s_to_bytes, norms_request};
-use ghmd::proto::{HarmonizeRequest, JobSpec};
+use ghmd::proto::HarmonizeRequest;
 use tonic::Code;
 
 use crate::support::fixture::{snapshot, still_serving, three_jobs};
 use crate::support::wire::{encode, frame, grpc_request, h2_connect};
-use crate::support::{TestServer, ghm_c};
+use crate::support::{TestServer, ghm_c, step_synchronous};
 
 /// Opens `count` HarmonizeStream calls on one raw HTTP/2 connection, each asking for a large
 /// response, and never reads any of them. Returns the connection's handle; dropping it (and the
@@ -140,14 +140,7 @@ async fn a_client_that_opens_many_streams_and_never_reads_cannot_take_the_server
 async fn a_timed_out_step_of_the_largest_world_names_its_missing_ranks_briefly() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let spec = JobSpec {
-        world_size: 65536,
-        step_timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 200_000_000,
-        }),
-        ..ghm_c(10, 0.75)
-    };
+    let spec = step_synchronous(ghm_c(10, 0.75), 65536, Duration::from_millis(200));
     client
         .create_job("h/huge-world", spec)
         .await

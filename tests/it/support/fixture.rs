@@ -2,8 +2,9 @@
 //! nothing" compares before and after.
 
 use ghmd::client::Client;
-use ghmd::proto::{Job, JobSpec, ListJobsRequest};
+use ghmd::proto::{Job, ListJobsRequest};
 
+use super::spec::with_world;
 use super::{TestServer, bits, ghm_c, ghm_r};
 
 /// Everything about one job that a rejected request must leave alone.
@@ -36,13 +37,7 @@ pub async fn three_jobs(client: &mut Client) {
         .await
         .expect("create");
     client
-        .create_job(
-            JOBS[1],
-            JobSpec {
-                world_size: 2,
-                ..ghm_c(10, 0.75)
-            },
-        )
+        .create_job(JOBS[1], with_world(ghm_c(10, 0.75), 2))
         .await
         .expect("create");
     client

@@ -7,7 +7,7 @@ use ghmd::client::Client;
 use ghmd::proto::{Job, JobSpec, UpdateJobRequest};
 
 use crate::support::fixture::list_all;
-use crate::support::http::{http_get, sample};
+use crate::support::http::{sample, scrape_until};
 use crate::support::{Ghmd, SplitMix, TempDir, TestServer, bits, ghm_c, ghm_r, step_synchronous};
 
 /// Deterministic gradient norms in [0, 1].
@@ -154,17 +154,17 @@ async fn after_a_snapshot_kill_9_and_restart_give_that_snapshot() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (_, _, metrics) = http_get(ghmd.metrics_addr, "/metrics", None).await;
-    assert!(sample(&metrics, "ghmd_snapshots_written_total", &[]).unwrap_or(0.0) >= 1.0);
-    assert!(
-        sample(
-            &metrics,
-            "ghmd_snapshot_last_success_timestamp_seconds",
-            &[]
-        )
-        .unwrap_or(0.0)
-            > 0.0
-    );
+    // The snapshot task records a snapshot once its file is in place, a moment after the file
+    // can be read.
+    let written = |metrics: &str| sample(metrics, "ghmd_snapshots_written_total", &[]);
+    let last_success =
+        |metrics: &str| sample(metrics, "ghmd_snapshot_last_success_timestamp_seconds", &[]);
+    let metrics = scrape_until(ghmd.metrics_addr, |metrics| {
+        written(metrics).unwrap_or(0.0) >= 1.0 && last_success(metrics).unwrap_or(0.0) > 0.0
+    })
+    .await;
+    assert!(written(&metrics).unwrap_or(0.0) >= 1.0, "{metrics}");
+    assert!(last_success(&metrics).unwrap_or(0.0) > 0.0, "{metrics}");
     drop(client);
     ghmd.kill9().await;
 

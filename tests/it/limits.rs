@@ -14,12 +14,13 @@ use crate::support::http::{sample, scrape_until};
 use crate::support::request::{norms, request, residuals};
 use crate::support::{TestServer, assert_status, ghm_c, ghm_r, step_synchronous};
 
+/// The refusal names the limit by its flag and its value.
 fn assert_names_limit(status: &tonic::Status, code: Code, flag: &str, value: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(flag) && status.message().contains(value),
-        "the refusal does not name {flag} and {value}: {}",
-        status.message()
+    assert_status(
+        Err::<(), _>(status.clone()),
+        code,
+        &[flag, value],
+        "the refusal names its limit",
     );
 }
 

@@ -1,4 +1,4 @@
-//! The body of the `harmonize_request` fuzz target, shared with `tests/fuzz_regressions.rs` so
+//! The body of the `harmonize_request` fuzz target, shared with `tests/it/fuzz_regressions.rs` so
 //! that every input the fuzzer ever found interesting is replayed by the ordinary test suite.
 //!
 //! One input is: a selector byte, then protobuf bytes. The bytes are decoded as a

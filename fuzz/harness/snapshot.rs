@@ -1,4 +1,4 @@
-//! The body of the `snapshot_load` fuzz target, shared with `tests/fuzz_regressions.rs`.
+//! The body of the `snapshot_load` fuzz target, shared with `tests/it/fuzz_regressions.rs`.
 //!
 //! One input is: a selector byte, then bytes. With an even selector the bytes are a payload and
 //! the harness puts a valid header (magic, version, CRC, length) in front, so that the fuzzer

@@ -1,48 +1,45 @@
 //! Durable state through the real binary: SIGTERM and restart, kill -9 after a snapshot,
 //! corrupt and truncated state files, and `--in-memory`.
 
-mod common;
-mod ops_support;
-
 use std::time::{Duration, Instant};
 
 use ghmd::client::Client;
-use ghmd::proto::{self, Job, JobSpec, ListJobsRequest};
-use ops_support::{Ghmd, TempDir, http_get, sample};
+use ghmd::proto::{Job, JobSpec, UpdateJobRequest};
 
-fn spec(loss: proto::Loss, bins: u32, momentum: f64, mu: f64) -> JobSpec {
-    JobSpec {
-        loss: loss.into(),
-        bins,
-        momentum,
-        mu,
-        ..Default::default()
-    }
+use crate::support::fixture::list_all;
+use crate::support::http::{sample, scrape_until};
+use crate::support::{
+    Draw, Ghmd, SplitMix, TempDir, TestServer, bits, ghm_c, ghm_r, step_synchronous,
+};
+
+/// Deterministic gradient norms in [0, 1].
+fn norms(seed: u64, count: usize) -> Vec<f32> {
+    let mut rng = SplitMix(seed);
+    (0..count).map(|_| rng.unit_closed()).collect()
 }
 
-/// Deterministic gradient norms in [0, 1).
-fn norms(seed: u64, count: usize) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    (0..count)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
+/// Every job, two to a page.
+async fn all_jobs(uri: String) -> Vec<Job> {
+    let mut client = Client::connect(uri).await.expect("connect");
+    list_all(&mut client, "", 2).await
 }
 
 /// Several jobs of both losses, each with a few steps, so that every field has a value
 /// worth comparing.
 async fn populate(client: &mut Client) {
     let jobs = [
-        ("team-a/ghmc", spec(proto::Loss::GhmC, 10, 0.75, 0.0)),
-        ("team-a/ghmc-30", spec(proto::Loss::GhmC, 30, 0.7, 0.0)),
-        ("team-b/ghmr", spec(proto::Loss::GhmR, 10, 0.9, 0.0)),
-        ("team-b/ghmr-mu", spec(proto::Loss::GhmR, 17, 0.5, 0.05)),
-        ("no-ema", spec(proto::Loss::GhmC, 10, 0.0, 0.0)),
-        ("untouched", spec(proto::Loss::GhmC, 4, 0.25, 0.0)),
+        ("team-a/ghmc", ghm_c(10, 0.75)),
+        ("team-a/ghmc-30", ghm_c(30, 0.7)),
+        ("team-b/ghmr", ghm_r(10, 0.9)),
+        (
+            "team-b/ghmr-mu",
+            JobSpec {
+                mu: 0.05,
+                ..ghm_r(17, 0.5)
+            },
+        ),
+        ("no-ema", ghm_c(10, 0.0)),
+        ("untouched", ghm_c(4, 0.25)),
     ];
     for (index, (id, spec)) in jobs.into_iter().enumerate() {
         client.create_job(id, spec).await.expect("create");
@@ -59,37 +56,11 @@ async fn populate(client: &mut Client) {
     }
 }
 
-async fn all_jobs(uri: String) -> Vec<Job> {
-    let mut client = Client::connect(uri).await.expect("connect");
-    let mut jobs = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .raw()
-            .list_jobs(ListJobsRequest {
-                prefix: String::new(),
-                page_size: 2,
-                page_token,
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        jobs.extend(page.jobs);
-        if page.next_page_token.is_empty() {
-            return jobs;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 fn acc_bits(jobs: &[Job]) -> Vec<(String, Vec<u32>)> {
     jobs.iter()
         .map(|job| {
             let state = job.state.as_ref().expect("state");
-            (
-                job.job_id.clone(),
-                state.acc_sum.iter().map(|v| v.to_bits()).collect(),
-            )
+            (job.job_id.clone(), bits(&state.acc_sum))
         })
         .collect()
 }
@@ -122,7 +93,7 @@ async fn sigterm_then_restart_brings_back_every_job_bit_for_bit() {
         .await
         .expect("harmonize after restart");
     client
-        .create_job("replay", spec(proto::Loss::GhmC, 10, 0.75, 0.0))
+        .create_job("replay", ghm_c(10, 0.75))
         .await
         .expect("create");
     for step in 0..3u64 {
@@ -185,17 +156,17 @@ async fn after_a_snapshot_kill_9_and_restart_give_that_snapshot() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (_, _, metrics) = http_get(ghmd.metrics_addr, "/metrics", None).await;
-    assert!(sample(&metrics, "ghmd_snapshots_written_total", &[]).unwrap_or(0.0) >= 1.0);
-    assert!(
-        sample(
-            &metrics,
-            "ghmd_snapshot_last_success_timestamp_seconds",
-            &[]
-        )
-        .unwrap_or(0.0)
-            > 0.0
-    );
+    // The snapshot task records a snapshot once its file is in place, a moment after the file
+    // can be read.
+    let written = |metrics: &str| sample(metrics, "ghmd_snapshots_written_total", &[]);
+    let last_success =
+        |metrics: &str| sample(metrics, "ghmd_snapshot_last_success_timestamp_seconds", &[]);
+    let metrics = scrape_until(ghmd.metrics_addr, |metrics| {
+        written(metrics).unwrap_or(0.0) >= 1.0 && last_success(metrics).unwrap_or(0.0) > 0.0
+    })
+    .await;
+    assert!(written(&metrics).unwrap_or(0.0) >= 1.0, "{metrics}");
+    assert!(last_success(&metrics).unwrap_or(0.0) > 0.0, "{metrics}");
     drop(client);
     ghmd.kill9().await;
 
@@ -210,7 +181,7 @@ async fn write_real_state(dir: &TempDir) -> Vec<u8> {
     let ghmd = Ghmd::start(dir.path(), &[]);
     let mut client = Client::connect(ghmd.uri()).await.expect("connect");
     client
-        .create_job("kept", spec(proto::Loss::GhmC, 10, 0.75, 0.0))
+        .create_job("kept", ghm_c(10, 0.75))
         .await
         .expect("create");
     client
@@ -295,7 +266,7 @@ async fn in_memory_touches_no_data_dir() {
     let dir = TempDir::new("in-memory");
     let never = dir.path().join("never-created");
     let never_config = never.clone();
-    let server = common::TestServer::start_with(move |config| {
+    let server = TestServer::start_with(move |config| {
         config.in_memory = true;
         config.data_dir = never_config;
     })
@@ -303,7 +274,7 @@ async fn in_memory_touches_no_data_dir() {
     server
         .client()
         .await
-        .create_job("x", spec(proto::Loss::GhmC, 10, 0.75, 0.0))
+        .create_job("x", ghm_c(10, 0.75))
         .await
         .expect("create");
     server.stop().await;
@@ -321,7 +292,7 @@ async fn every_field_of_every_job_survives_a_restart_step_synchronous_ones_inclu
     let dir = TempDir::new("in-process");
     let data = dir.path().join("data");
     let start = |data: std::path::PathBuf| {
-        common::TestServer::start_with(move |config| {
+        TestServer::start_with(move |config| {
             config.in_memory = false;
             config.data_dir = data;
             config.snapshot_interval = Duration::from_secs(3600);
@@ -332,13 +303,10 @@ async fn every_field_of_every_job_survives_a_restart_step_synchronous_ones_inclu
     populate(&mut client).await;
     // A step-synchronous job of two ranks with two steps applied, then grown to three ranks
     // from step 5: its next step and world-size schedule must come back too.
-    let mut sync_spec = spec(proto::Loss::GhmR, 12, 0.8, 0.0);
-    sync_spec.world_size = 2;
-    sync_spec.allow_partial_steps = true;
-    sync_spec.step_timeout = Some(prost_types::Duration {
-        seconds: 7,
-        nanos: 250_000_000,
-    });
+    let sync_spec = JobSpec {
+        allow_partial_steps: true,
+        ..step_synchronous(ghm_r(12, 0.8), 2, Duration::from_millis(7250))
+    };
     client.create_job("sync", sync_spec).await.expect("create");
     for step in 0..2u64 {
         let mut rank1 = server.client().await;
@@ -356,7 +324,7 @@ async fn every_field_of_every_job_survives_a_restart_step_synchronous_ones_inclu
     }
     client
         .raw()
-        .update_job(proto::UpdateJobRequest {
+        .update_job(UpdateJobRequest {
             job_id: "sync".into(),
             world_size: 3,
             from_step: 5,

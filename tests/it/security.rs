@@ -3,128 +3,24 @@
 //! caller's jobs, health open and reflection closed without a token, and SIGHUP reloading the
 //! tokens file of the real binary without logging a token.
 
-mod common;
+use std::time::Duration;
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
-use common::TestServer;
 use ghmd::client::{Client, ClientOptions, Credentials, norms_request};
 use ghmd::proto::{
-    DeleteJobRequest, GetJobRequest, JobSpec, JobState, ListJobsRequest, Loss, RestoreJobRequest,
-    UpdateJobRequest,
+    DeleteJobRequest, GetJobRequest, JobState, ListJobsRequest, RestoreJobRequest, UpdateJobRequest,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use tonic::transport::ClientTlsConfig;
+
+use crate::support::binary::Launch;
+use crate::support::fixture::list_all;
+use crate::support::tls::{Ca, ServerTls};
+use crate::support::{TempDir, TestServer, ghm_c};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// A directory of its own under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "ghmd-security-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Self(path)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("write");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A certificate authority made for one test.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf certificate and its key, in PEM.
-    fn leaf(&self, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).expect("params");
-        params.distinguished_name.push(DnType::CommonName, "leaf");
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![purpose];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("signed");
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-fn ghm_c() -> JobSpec {
-    JobSpec {
-        loss: Loss::GhmC.into(),
-        bins: 10,
-        momentum: 0.75,
-        ..Default::default()
-    }
-}
-
-/// Server side of a TLS test: a CA, a server certificate for localhost, files on disk.
-struct TlsFiles {
-    dir: TempDir,
-    ca: Ca,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn tls_files() -> TlsFiles {
-    let dir = TempDir::new("tls");
-    let ca = Ca::new("ghmd test server CA");
-    let (cert, key) = ca.leaf(
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let cert = dir.write("server.pem", &cert);
-    let key = dir.write("server.key", &key);
-    TlsFiles { dir, ca, cert, key }
-}
-
-fn tls_client_config(server_ca: &Ca, identity: Option<(&str, &str)>) -> ClientTlsConfig {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&server_ca.pem))
-        .domain_name("localhost");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    tls
-}
 
 /// What a TLS client gets from one CreateJob: Ok, or the code of the failure (a failed
 /// connection counts as UNAVAILABLE). Bounded in time: a refused client must not hang.
@@ -135,7 +31,7 @@ async fn try_create(uri: String, tls: Option<ClientTlsConfig>, job_id: &str) -> 
             .await
             .map_err(|e| format!("connect: {e}"))?;
         client
-            .create_job(job_id, ghm_c())
+            .create_job(job_id, ghm_c(10, 0.75))
             .await
             .map(|_| ())
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
@@ -150,7 +46,7 @@ async fn try_create(uri: String, tls: Option<ClientTlsConfig>, job_id: &str) -> 
 
 #[tokio::test]
 async fn tls_serves_clients_that_trust_its_ca_and_refuses_plaintext_and_strangers() {
-    let files = tls_files();
+    let files = ServerTls::new();
     let (cert, key) = (files.cert.clone(), files.key.clone());
     let server = TestServer::start_with(|config| {
         config.tls_cert = Some(cert);
@@ -159,13 +55,9 @@ async fn tls_serves_clients_that_trust_its_ca_and_refuses_plaintext_and_stranger
     .await;
     let https = format!("https://127.0.0.1:{}", server.addr.port());
 
-    try_create(
-        https.clone(),
-        Some(tls_client_config(&files.ca, None)),
-        "tls/ok",
-    )
-    .await
-    .expect("a client that trusts the CA");
+    try_create(https.clone(), Some(files.ca.client_config(None)), "tls/ok")
+        .await
+        .expect("a client that trusts the CA");
 
     let plaintext = try_create(server.uri(), None, "tls/plaintext").await;
     assert!(plaintext.is_err(), "plaintext was served: {plaintext:?}");
@@ -173,7 +65,7 @@ async fn tls_serves_clients_that_trust_its_ca_and_refuses_plaintext_and_stranger
     let stranger = Ca::new("some other CA");
     let untrusted = try_create(
         https.clone(),
-        Some(tls_client_config(&stranger, None)),
+        Some(stranger.client_config(None)),
         "tls/stranger",
     )
     .await;
@@ -187,7 +79,7 @@ async fn tls_serves_clients_that_trust_its_ca_and_refuses_plaintext_and_stranger
         https,
         &ClientOptions {
             token: None,
-            tls: Some(tls_client_config(&files.ca, None)),
+            tls: Some(files.ca.client_config(None)),
         },
     )
     .await
@@ -203,7 +95,7 @@ async fn tls_serves_clients_that_trust_its_ca_and_refuses_plaintext_and_stranger
 
 #[tokio::test]
 async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() {
-    let files = tls_files();
+    let files = ServerTls::new();
     let client_ca = Ca::new("ghmd test client CA");
     let client_ca_path = files.dir.write("client-ca.pem", &client_ca.pem);
     let (cert, key) = (files.cert.clone(), files.key.clone());
@@ -217,7 +109,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
 
     let without = try_create(
         https.clone(),
-        Some(tls_client_config(&files.ca, None)),
+        Some(files.ca.client_config(None)),
         "mtls/without",
     )
     .await;
@@ -227,10 +119,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
     let (rogue_cert, rogue_key) = rogue_ca.leaf(&["worker"], ExtendedKeyUsagePurpose::ClientAuth);
     let rogue = try_create(
         https.clone(),
-        Some(tls_client_config(
-            &files.ca,
-            Some((&rogue_cert, &rogue_key)),
-        )),
+        Some(files.ca.client_config(Some((&rogue_cert, &rogue_key)))),
         "mtls/rogue",
     )
     .await;
@@ -241,7 +130,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
     let identity = Some((worker_cert.as_str(), worker_key.as_str()));
     try_create(
         https.clone(),
-        Some(tls_client_config(&files.ca, identity)),
+        Some(files.ca.client_config(identity)),
         "mtls/ok",
     )
     .await
@@ -251,7 +140,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
         https,
         &ClientOptions {
             token: None,
-            tls: Some(tls_client_config(&files.ca, identity)),
+            tls: Some(files.ca.client_config(identity)),
         },
     )
     .await
@@ -265,25 +154,24 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
 
 #[tokio::test]
 async fn a_server_with_an_unreadable_or_bad_certificate_does_not_start() {
-    let files = tls_files();
+    let files = ServerTls::new();
     let garbage = files.dir.write("garbage.pem", "not a certificate");
     let cases = [
         (
-            files.dir.0.join("missing.pem"),
+            files.dir.path().join("missing.pem"),
             files.key.clone(),
             "--tls-cert",
         ),
         (files.cert.clone(), garbage.clone(), "TLS"),
     ];
     for (cert, key, needle) in cases {
-        let mut config = ghmd::config::ServeConfig::from_env();
-        config.listen = "127.0.0.1:0".parse().expect("addr");
-        config.tls_cert = Some(cert);
-        config.tls_key = Some(key);
-        let error = ghmd::server::Server::bind(config)
-            .await
-            .err()
-            .expect("refused");
+        let error = TestServer::try_start_with(|config| {
+            config.tls_cert = Some(cert);
+            config.tls_key = Some(key);
+        })
+        .await
+        .err()
+        .expect("refused");
         assert!(error.to_string().contains(needle), "{error}");
     }
 }
@@ -335,7 +223,7 @@ async fn every_rpc(client: &mut Client, job_id: &str) -> Vec<(&'static str, Resu
             code(
                 raw.create_job(ghmd::proto::CreateJobRequest {
                     job_id: job_id.to_owned(),
-                    spec: Some(ghm_c()),
+                    spec: Some(ghm_c(10, 0.75)),
                 })
                 .await,
             ),
@@ -411,25 +299,11 @@ async fn every_rpc(client: &mut Client, job_id: &str) -> Vec<(&'static str, Resu
 }
 
 async fn list_ids(client: &mut Client, prefix: &str, page_size: u32) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .raw()
-            .list_jobs(ListJobsRequest {
-                prefix: prefix.to_owned(),
-                page_size,
-                page_token,
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        ids.extend(page.jobs.into_iter().map(|job| job.job_id));
-        if page.next_page_token.is_empty() {
-            return ids;
-        }
-        page_token = page.next_page_token;
-    }
+    list_all(client, prefix, page_size)
+        .await
+        .into_iter()
+        .map(|job| job.job_id)
+        .collect()
 }
 
 #[tokio::test]
@@ -447,7 +321,7 @@ async fn tokens_decide_who_may_use_which_job_on_every_rpc() {
         "shared/c-1",
         "other",
     ] {
-        admin.create_job(id, ghm_c()).await.expect(id);
+        admin.create_job(id, ghm_c(10, 0.75)).await.expect(id);
     }
     admin
         .harmonize_norms("team-b/1", 0, 0, &[0.1, 0.5], None)
@@ -611,100 +485,22 @@ async fn a_bad_tokens_file_stops_the_start_instead_of_running_open() {
         ("short.toml", tokens_toml(&[("a", "short", &["a/"])])),
     ] {
         let path = dir.write(name, &text);
-        let mut config = ghmd::config::ServeConfig::from_env();
-        config.listen = "127.0.0.1:0".parse().expect("addr");
-        config.tokens_file = Some(path);
-        let error = ghmd::server::Server::bind(config)
+        let error = TestServer::try_start_with(|config| config.tokens_file = Some(path))
             .await
             .err()
             .expect("refused");
         assert!(error.to_string().contains(name), "{error}");
     }
-    let mut config = ghmd::config::ServeConfig::from_env();
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.tokens_file = Some(dir.0.join("missing.toml"));
-    assert!(ghmd::server::Server::bind(config).await.is_err());
+    let missing = dir.path().join("missing.toml");
+    assert!(
+        TestServer::try_start_with(|config| config.tokens_file = Some(missing))
+            .await
+            .is_err()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // The real binary: start-up log, SIGHUP reload, no token in the log.
-
-struct Daemon {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(args: &[&str], log: PathBuf) -> (Self, String) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
-            .arg("serve")
-            .args(["--listen", &listen])
-            .args(["--in-memory", "--metrics-listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn ghmd");
-        let daemon = Self { child, log };
-        let uri = format!("http://{listen}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(&listen).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "ghmd did not listen:\n{}",
-                daemon.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        (daemon, uri)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = std::process::Command::new("sh")
-            .args([
-                "-c",
-                &format!("kill -{name} \"$0\""),
-                &self.child.id().to_string(),
-            ])
-            .status()
-            .expect("sh");
-        assert!(status.success());
-    }
-
-    /// Waits until the log holds `needle` (the server acts on a signal asynchronously).
-    async fn wait_for_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the log:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn connect(uri: &str, token: &str) -> Client {
     let options = ClientOptions {
@@ -718,8 +514,8 @@ async fn connect(uri: &str, token: &str) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_server_warns_in_its_start_up_log() {
-    let dir = TempDir::new("open");
-    let (daemon, uri) = Daemon::start(&[], dir.0.join("log")).await;
+    let daemon = Launch::in_memory().rust_log("debug").start();
+    let uri = daemon.uri();
     let log = daemon.wait_for_log("ghmd serving gRPC").await;
     assert!(
         log.contains("OPEN"),
@@ -730,7 +526,10 @@ async fn an_open_server_warns_in_its_start_up_log() {
         "no warning about plaintext:\n{log}"
     );
     let mut client = Client::connect(uri).await.expect("connect");
-    client.create_job("open/job", ghm_c()).await.expect("open");
+    client
+        .create_job("open/job", ghm_c(10, 0.75))
+        .await
+        .expect("open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,16 +539,16 @@ async fn sighup_reloads_the_tokens_file_and_a_bad_file_keeps_the_old_tokens() {
         "tokens.toml",
         &tokens_toml(&[("team-a", TEAM_A, &["team-a/"])]),
     );
-    let (daemon, uri) = Daemon::start(
-        &["--tokens-file", path.to_str().expect("utf-8 path")],
-        dir.0.join("log"),
-    )
-    .await;
+    let daemon = Launch::in_memory()
+        .args(&["--tokens-file", path.to_str().expect("utf-8 path")])
+        .rust_log("debug")
+        .start();
+    let uri = daemon.uri();
     let log = daemon.wait_for_log("bearer tokens required").await;
     assert!(!log.contains("OPEN"), "{log}");
 
     let mut a = connect(&uri, TEAM_A).await;
-    a.create_job("team-a/1", ghm_c())
+    a.create_job("team-a/1", ghm_c(10, 0.75))
         .await
         .expect("team-a before the reload");
     let mut b = connect(&uri, TEAM_B).await;
@@ -763,7 +562,7 @@ async fn sighup_reloads_the_tokens_file_and_a_bad_file_keeps_the_old_tokens() {
     std::fs::write(&path, tokens_toml(&[("team-b", TEAM_B, &["team-b/"])])).expect("write");
     daemon.signal("HUP");
     daemon.wait_for_log("tokens file reloaded").await;
-    b.create_job("team-b/1", ghm_c())
+    b.create_job("team-b/1", ghm_c(10, 0.75))
         .await
         .expect("team-b after the reload");
     let status = a.get_job("team-a/1").await.expect_err("team-a was removed");

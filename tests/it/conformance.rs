@@ -1,18 +1,14 @@
 //! The reference vectors of mmdetection's GHMC/GHMR, bit for bit: through the pure `ghm` module
 //! and through the gRPC API of a real server (unary, streaming, and GHM-R from residuals).
 
-mod common;
-
-use common::{Case, Step, bits, conformance_cases, f32s};
 use ghmd::client::{bytes_to_f32s, f32s_to_bytes};
 use ghmd::ghm::{self, BinEdges, Density, InputField};
 use ghmd::proto::harmonize_request::Input;
 use ghmd::proto::{HarmonizeRequest, HarmonizeResponse};
 use tokio_stream::StreamExt;
 
-fn le(values: &[f32]) -> Vec<[u8; 4]> {
-    values.iter().map(|v| v.to_le_bytes()).collect()
-}
+use crate::support::vectors::{Case, Step, conformance_cases, f32s};
+use crate::support::{TestServer, bits, le};
 
 fn check_step(
     case: &Case,
@@ -109,7 +105,7 @@ fn check_response(case: &Case, index: usize, step: &Step, response: &HarmonizeRe
 
 #[tokio::test]
 async fn every_case_matches_bit_for_bit_over_unary_grpc() {
-    let server = common::TestServer::start().await;
+    let server = TestServer::start().await;
     let mut client = server.client().await;
     for case in conformance_cases() {
         let job_id = format!("unary/{}", case.name);
@@ -133,7 +129,7 @@ async fn every_case_matches_bit_for_bit_over_unary_grpc() {
 
 #[tokio::test]
 async fn every_case_matches_bit_for_bit_over_a_stream() {
-    let server = common::TestServer::start().await;
+    let server = TestServer::start().await;
     let mut client = server.client().await;
     for case in conformance_cases() {
         let job_id = format!("stream/{}", case.name);
@@ -170,7 +166,7 @@ async fn every_case_matches_bit_for_bit_over_a_stream() {
 /// always correctly rounded), so compare g within 2 ulp, and weights only away from bin edges.
 #[tokio::test]
 async fn ghm_r_cases_match_when_the_server_derives_norms_from_residuals() {
-    let server = common::TestServer::start().await;
+    let server = TestServer::start().await;
     let mut client = server.client().await;
     let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs();
     let mut compared = 0usize;

@@ -1,15 +1,15 @@
 //! `ghmd bench`, briefly: every mode runs against a real server and reports what it measured.
 //! The figures themselves live in BENCHMARKS.md, not in tests.
 
-mod common;
 // The bench is a command of the binary, not of the library: compiled here from its source.
 #[allow(dead_code)]
-#[path = "../src/bench/mod.rs"]
-mod bench;
+#[path = "../../src/bench/mod.rs"]
+mod command;
 
-use bench::{BenchArgs, JobsOutcome, StepsReport};
 use clap::Parser;
-use common::TestServer;
+use command::{BenchArgs, JobsOutcome, StepsReport};
+
+use crate::support::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_target_every_mode_reports_and_no_job_is_left_behind() {
@@ -26,7 +26,7 @@ async fn against_a_target_every_mode_reports_and_no_job_is_left_behind() {
         "--max-concurrency",
         "4",
     ]);
-    let report = bench::run(&args).await.expect("bench runs");
+    let report = command::run(&args).await.expect("bench runs");
 
     assert!(!report.started_by_bench);
     let raw = report.raw.as_ref().expect("raw ran");
@@ -79,7 +79,7 @@ async fn without_a_target_it_starts_a_server_and_reads_its_memory() {
         "--server-binary",
         env!("CARGO_BIN_EXE_ghmd"),
     ]);
-    let report = bench::run(&args).await.expect("bench runs");
+    let report = command::run(&args).await.expect("bench runs");
     assert!(report.started_by_bench);
     match report.jobs {
         Some(JobsOutcome::Measured(jobs)) => {

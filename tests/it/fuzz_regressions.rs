@@ -2,10 +2,10 @@
 //! the seeds, and every crash the fuzzer ever found (saved there once fixed), so that a
 //! regression fails `cargo test` on stable without a fuzzer.
 
-#[path = "../fuzz/harness/harmonize.rs"]
+#[path = "../../fuzz/harness/harmonize.rs"]
 mod harness;
 
-#[path = "../fuzz/harness/snapshot.rs"]
+#[path = "../../fuzz/harness/snapshot.rs"]
 mod snapshot;
 
 #[test]

@@ -1,24 +1,15 @@
 //! The HTTP listener of a real server: /metrics counts what clients did, in both text formats,
 //! /healthz and /readyz answer, and --job-metrics exports each job's density.
 
-mod common;
-mod ops_support;
+use std::time::{Duration, Instant};
 
-use common::TestServer;
 use ghmd::client::norms_request;
-use ghmd::proto::{self, JobSpec};
-use ops_support::{http_get, sample, scrape_until};
+use ghmd::proto::JobSpec;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-fn ghm_c(bins: u32, momentum: f64) -> JobSpec {
-    JobSpec {
-        loss: proto::Loss::GhmC.into(),
-        bins,
-        momentum,
-        ..Default::default()
-    }
-}
+use crate::support::http::{http_get, sample, scrape_until};
+use crate::support::{TestServer, ghm_c, step_synchronous};
 
 fn requests(text: &str, method: &str, code: &str) -> f64 {
     sample(
@@ -241,13 +232,8 @@ async fn without_job_metrics_there_is_no_density() {
 
 fn sync_spec(allow_partial_steps: bool) -> JobSpec {
     JobSpec {
-        world_size: 2,
         allow_partial_steps,
-        step_timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 200_000_000,
-        }),
-        ..ghm_c(10, 0.75)
+        ..step_synchronous(ghm_c(10, 0.75), 2, Duration::from_millis(200))
     }
 }
 
@@ -272,7 +258,7 @@ async fn step_synchronous_waits_timeouts_and_partial_steps_are_measured() {
             .await
             .expect("rank 0")
     });
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     client
         .harmonize_norms("partial", 0, 1, &[0.3], None)
         .await
@@ -328,51 +314,31 @@ async fn step_synchronous_waits_timeouts_and_partial_steps_are_measured() {
 
 #[tokio::test]
 async fn readyz_turns_503_as_soon_as_a_shutdown_begins() {
-    let mut config = ghmd::config::ServeConfig::from_env();
-    config.listen = "127.0.0.1:0".parse().expect("address");
-    config.metrics_listen = "127.0.0.1:0".parse().expect("address");
-    config.in_memory = true;
-    config.shutdown_grace = std::time::Duration::from_secs(10);
-    let server = ghmd::server::Server::bind(config).await.expect("bind");
-    let (addr, metrics_addr) = (server.local_addr(), server.metrics_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let mut client = ghmd::client::Client::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let mut server =
+        TestServer::start_with(|config| config.shutdown_grace = Duration::from_secs(10)).await;
+    let metrics_addr = server.metrics_addr;
+    let mut client = server.client().await;
     let (status, _, _) = http_get(metrics_addr, "/readyz", None).await;
     assert_eq!(status, 200);
 
     // A step-synchronous request that waits (for a rank that never comes) keeps the server in
     // its shutdown grace for a while after the signal.
-    let spec = JobSpec {
-        world_size: 2,
-        step_timeout: Some(prost_types::Duration {
-            seconds: 1,
-            nanos: 0,
-        }),
-        ..ghm_c(10, 0.75)
-    };
+    let spec = step_synchronous(ghm_c(10, 0.75), 2, Duration::from_secs(1));
     client.create_job("w", spec).await.expect("create");
     let waiting =
         tokio::spawn(async move { client.harmonize_norms("w", 0, 0, &[0.5], None).await });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    stop.send(()).expect("signal");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.begin_stop();
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (status, _, body) = http_get(metrics_addr, "/readyz", None).await;
         if status == 503 {
             assert_eq!(body, "not ready\n");
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still ready after the signal"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(Instant::now() < deadline, "still ready after the signal");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Liveness is unaffected while the in-flight request finishes.
     let (status, _, _) = http_get(metrics_addr, "/healthz", None).await;
@@ -382,5 +348,5 @@ async fn readyz_turns_503_as_soon_as_a_shutdown_begins() {
         .expect("task")
         .expect_err("aborted: rank 1 never came");
     assert_eq!(answer.code(), tonic::Code::Aborted);
-    running.await.expect("task").expect("clean stop");
+    server.stop().await;
 }

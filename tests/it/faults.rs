@@ -3,32 +3,17 @@
 //! of a job. The other workers get the documented status, never a hang, and no acknowledged
 //! step is lost or applied twice.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use common::{TestServer, bits};
 use ghmd::client::{Client, norms_request};
-use ghmd::proto::{HarmonizeResponse, JobSpec, Loss};
+use ghmd::proto::HarmonizeResponse;
 use tonic::Code;
+
+use crate::support::wire::{frame, grpc_request, h2_connect};
+use crate::support::{Ghmd, TempDir, TestServer, bits, ghm_c, step_synchronous};
 
 /// Every wait in this file is bounded: a hang is a failure, not a stuck CI run.
 const NO_HANG: Duration = Duration::from_secs(60);
-
-fn spec(world_size: u32, step_timeout: Duration) -> JobSpec {
-    JobSpec {
-        loss: Loss::GhmC.into(),
-        bins: 10,
-        momentum: 0.75,
-        world_size,
-        step_timeout: Some(prost_types::Duration {
-            seconds: step_timeout.as_secs() as i64,
-            nanos: step_timeout.subsec_nanos() as i32,
-        }),
-        ..Default::default()
-    }
-}
 
 fn shard(rank: u32) -> Vec<f32> {
     (0..50 + rank * 7)
@@ -42,11 +27,42 @@ async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) ->
         .unwrap_or_else(|_| panic!("{what} hung"))
 }
 
+/// The ranks of `ranks` send their shard of `step` at once, each on its own connection, as
+/// separate worker processes would: their answers, each bounded in time and applied.
+async fn ranks_apply(
+    uri: &str,
+    job_id: &str,
+    step: u64,
+    shards: &[Vec<f32>],
+    ranks: std::ops::Range<u32>,
+    what: &str,
+) -> Vec<HarmonizeResponse> {
+    let mut tasks = Vec::new();
+    for rank in ranks {
+        let (uri, job_id) = (uri.to_owned(), job_id.to_owned());
+        let norms = shards[rank as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut worker = Client::connect(uri).await.expect("connect");
+            worker
+                .harmonize_norms(&job_id, step, rank, &norms, None)
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(bounded(what, task).await.expect("task").expect("applied").0);
+    }
+    answers
+}
+
 /// The state one process would have after weighing the concatenation of `shards` once: an
 /// asynchronous job fed the global batch.
 async fn reference(client: &mut Client, job_id: &str, shards: &[Vec<f32>]) -> HarmonizeResponse {
     client
-        .create_job(job_id, spec(1, Duration::from_secs(60)))
+        .create_job(
+            job_id,
+            step_synchronous(ghm_c(10, 0.75), 1, Duration::from_secs(60)),
+        )
         .await
         .expect("reference job");
     let global: Vec<f32> = shards.concat();
@@ -69,7 +85,7 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     let server = TestServer::start_with(|config| config.max_concurrent_requests = LIMIT).await;
     let mut client = server.client().await;
     client
-        .create_job("bp/job", spec(2, TIMEOUT))
+        .create_job("bp/job", step_synchronous(ghm_c(10, 0.75), 2, TIMEOUT))
         .await
         .expect("create");
 
@@ -183,32 +199,18 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
 /// A worker process killed halfway through sending its request: the headers and part of one
 /// gRPC frame go out, then the connection dies.
 async fn killed_mid_request(server: &TestServer, job_id: &str, step: u64, rank: u32) {
-    let tcp = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("connect");
-    let (send, connection) = h2::client::handshake(tcp).await.expect("h2");
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (send, driver) = h2_connect(server.addr, None).await;
     let mut send = send.ready().await.expect("ready");
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{}/ghm.v1.Harmonizer/Harmonize",
-            server.addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
+    let request = grpc_request(
+        server.addr,
+        "/ghm.v1.Harmonizer/Harmonize",
+        "application/grpc",
+    );
     let (_response, mut body) = send.send_request(request, false).expect("send");
     let message =
         prost::Message::encode_to_vec(&norms_request(job_id, step, rank, &shard(rank), None));
-    let mut frame = BytesMut::new();
-    frame.put_u8(0);
-    frame.put_u32(message.len() as u32);
-    frame.put_slice(&message[..message.len() / 2]);
-    body.send_data(Bytes::from(frame), false)
+    let half = frame(false, message.len() as u32, &message[..message.len() / 2]);
+    body.send_data(half.freeze(), false)
         .expect("half a request");
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The process dies: its connection goes with it.
@@ -223,7 +225,7 @@ async fn a_worker_killed_mid_step_costs_the_others_one_timeout_and_the_step_appl
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("kill/job", spec(3, TIMEOUT))
+        .create_job("kill/job", step_synchronous(ghm_c(10, 0.75), 3, TIMEOUT))
         .await
         .expect("create");
     let shards: Vec<Vec<f32>> = (0..3).map(shard).collect();
@@ -264,27 +266,15 @@ async fn a_worker_killed_mid_step_costs_the_others_one_timeout_and_the_step_appl
 
     // The restarted worker and the others send step 0 again: it applies once, as one process
     // would have weighed the global batch.
-    let mut tasks = Vec::new();
-    for rank in 0..3u32 {
-        let uri = server.uri();
-        let norms = shards[rank as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms("kill/job", 0, rank, &norms, None)
-                .await
-        }));
-    }
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(
-            bounded("the retried step", task)
-                .await
-                .expect("task")
-                .expect("applied")
-                .0,
-        );
-    }
+    let answers = ranks_apply(
+        &server.uri(),
+        "kill/job",
+        0,
+        &shards,
+        0..3,
+        "the retried step",
+    )
+    .await;
     let expected = reference(&mut client, "kill/reference", &shards).await;
     for answer in &answers {
         assert_eq!(bits(&answer.bin_weights), bits(&expected.bin_weights));
@@ -307,7 +297,10 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("gone/job", spec(3, Duration::from_secs(30)))
+        .create_job(
+            "gone/job",
+            step_synchronous(ghm_c(10, 0.75), 3, Duration::from_secs(30)),
+        )
         .await
         .expect("create");
     let shards: Vec<Vec<f32>> = (0..3).map(shard).collect();
@@ -326,27 +319,7 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // The others arrive: the step completes with rank 0's contribution, and they are answered.
-    let mut tasks = Vec::new();
-    for rank in 1..3u32 {
-        let uri = server.uri();
-        let norms = shards[rank as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms("gone/job", 0, rank, &norms, None)
-                .await
-        }));
-    }
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(
-            bounded("ranks 1 and 2", task)
-                .await
-                .expect("task")
-                .expect("applied")
-                .0,
-        );
-    }
+    let answers = ranks_apply(&server.uri(), "gone/job", 0, &shards, 1..3, "ranks 1 and 2").await;
     let expected = reference(&mut client, "gone/reference", &shards).await;
     for answer in &answers {
         assert_eq!(
@@ -400,23 +373,7 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
         let waited = tokio::time::timeout(Duration::from_millis(300), responses.message()).await;
         assert!(waited.is_err(), "step 1 cannot complete yet");
     }
-    let mut tasks = Vec::new();
-    for rank in 1..3u32 {
-        let uri = server.uri();
-        let norms = shards[rank as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms("gone/job", 1, rank, &norms, None)
-                .await
-        }));
-    }
-    for task in tasks {
-        bounded("step 1", task)
-            .await
-            .expect("task")
-            .expect("applied");
-    }
+    ranks_apply(&server.uri(), "gone/job", 1, &shards, 1..3, "step 1").await;
     let state = client
         .get_job("gone/job")
         .await
@@ -430,75 +387,19 @@ async fn a_worker_that_disconnects_while_waiting_keeps_its_contribution_and_its_
 // ---------------------------------------------------------------------------------------------
 // A server restart in the middle of a job (the real binary, with its data dir).
 
-/// `ghmd serve` on a free loopback port with a data dir, killed if the test fails before it
-/// exits.
-struct Daemon {
-    child: std::process::Child,
-    uri: String,
+/// `ghmd serve` with a data dir where only the snapshot at shutdown counts: a restart must
+/// not need a lucky timer.
+fn start_ghmd(data_dir: &TempDir) -> Ghmd {
+    Ghmd::start(
+        data_dir.path(),
+        &["--snapshot-interval", "1h", "--shutdown-grace", "20s"],
+    )
 }
 
-impl Daemon {
-    async fn start(data_dir: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            // Only the snapshot at shutdown counts: a restart must not need a lucky timer.
-            .args(["--snapshot-interval", "1h", "--shutdown-grace", "20s"])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ghmd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(&listen).await.is_err() {
-            assert!(Instant::now() < deadline, "ghmd did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self {
-            child,
-            uri: format!("http://{listen}"),
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    async fn stop(mut self) {
-        let status = std::process::Command::new("sh")
-            .args(["-c", "kill -TERM \"$0\"", &self.child.id().to_string()])
-            .status()
-            .expect("sh");
-        assert!(status.success());
-        let deadline = Instant::now() + NO_HANG;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "ghmd exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "ghmd did not exit after SIGTERM");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// SIGTERM, then a clean exit.
+async fn stop_ghmd(ghmd: Ghmd) {
+    let (status, log) = bounded("ghmd's exit after SIGTERM", ghmd.sigterm()).await;
+    assert!(status.success(), "ghmd exited with {status}:\n{log}");
 }
 
 fn step_shards(step: u64) -> Vec<Vec<f32>> {
@@ -506,45 +407,30 @@ fn step_shards(step: u64) -> Vec<Vec<f32>> {
 }
 
 async fn both_ranks(uri: &str, job_id: &str, step: u64) -> Vec<HarmonizeResponse> {
-    let mut tasks = Vec::new();
-    for (rank, norms) in step_shards(step).into_iter().enumerate() {
-        let (uri, job_id) = (uri.to_owned(), job_id.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Client::connect(uri).await.expect("connect");
-            worker
-                .harmonize_norms(&job_id, step, rank as u32, &norms, None)
-                .await
-        }));
-    }
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(
-            bounded("a step", task)
-                .await
-                .expect("task")
-                .expect("applied")
-                .0,
-        );
-    }
-    answers
+    ranks_apply(uri, job_id, step, &step_shards(step), 0..2, "a step").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies_none_twice() {
-    let data_dir = std::env::temp_dir().join(format!("ghmd-faults-restart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let first = Daemon::start(&data_dir).await;
-    let mut client = Client::connect(first.uri.clone()).await.expect("connect");
+    let data_dir = TempDir::new("faults-restart");
+    let first = start_ghmd(&data_dir);
+    let mut client = Client::connect(first.uri()).await.expect("connect");
     client
-        .create_job("restart/sync", spec(2, Duration::from_secs(3)))
+        .create_job(
+            "restart/sync",
+            step_synchronous(ghm_c(10, 0.75), 2, Duration::from_secs(3)),
+        )
         .await
         .expect("create");
     client
-        .create_job("restart/async", spec(1, Duration::from_secs(3)))
+        .create_job(
+            "restart/async",
+            step_synchronous(ghm_c(10, 0.75), 1, Duration::from_secs(3)),
+        )
         .await
         .expect("create");
     for step in 0..3 {
-        both_ranks(&first.uri, "restart/sync", step).await;
+        both_ranks(&first.uri(), "restart/sync", step).await;
         client
             .harmonize_norms("restart/async", step, 0, &shard(step as u32), None)
             .await
@@ -552,7 +438,7 @@ async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies
     }
     // Rank 0 sends step 3 and waits for rank 1, which has not sent it when the server stops.
     let waiting = {
-        let (uri, norms) = (first.uri.clone(), step_shards(3).swap_remove(0));
+        let (uri, norms) = (first.uri(), step_shards(3).swap_remove(0));
         tokio::spawn(async move {
             let mut worker = Client::connect(uri).await.expect("connect");
             worker
@@ -561,7 +447,7 @@ async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    first.stop().await;
+    stop_ghmd(first).await;
     let status = bounded("the request waiting across the stop", waiting)
         .await
         .expect("task")
@@ -571,12 +457,15 @@ async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies
         "{status:?}"
     );
 
-    let second = Daemon::start(&data_dir).await;
-    let mut client = Client::connect(second.uri.clone()).await.expect("connect");
+    let second = start_ghmd(&data_dir);
+    let mut client = Client::connect(second.uri()).await.expect("connect");
     // Every acknowledged step is there, bit for bit what one process would hold.
-    let mut reference = Client::connect(second.uri.clone()).await.expect("connect");
+    let mut reference = Client::connect(second.uri()).await.expect("connect");
     reference
-        .create_job("restart/reference", spec(1, Duration::from_secs(3)))
+        .create_job(
+            "restart/reference",
+            step_synchronous(ghm_c(10, 0.75), 1, Duration::from_secs(3)),
+        )
         .await
         .expect("reference");
     let mut expected = Vec::new();
@@ -618,7 +507,7 @@ async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     // The interrupted step, sent again by both ranks, applies once.
-    let answers = both_ranks(&second.uri, "restart/sync", 3).await;
+    let answers = both_ranks(&second.uri(), "restart/sync", 3).await;
     let expected = reference
         .harmonize_norms("restart/reference", 3, 0, &step_shards(3).concat(), None)
         .await
@@ -635,6 +524,5 @@ async fn a_restart_in_the_middle_of_a_job_loses_no_acknowledged_step_and_applies
         .state
         .expect("state");
     assert_eq!((state.steps, state.next_step), (4, 4));
-    second.stop().await;
-    let _ = std::fs::remove_dir_all(&data_dir);
+    stop_ghmd(second).await;
 }

@@ -12,6 +12,8 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
+use crate::support::bits;
+
 // ---------------------------------------------------------------------------------------------
 // The reference: a plain loop over edges.
 
@@ -249,10 +251,6 @@ impl Module {
             Vec::new()
         }
     }
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,24 +8,25 @@
 //! CI runs the short version. The long one, with figures in the README:
 //!
 //! ```sh
-//! GHMD_SOAK_SECS=300 cargo test --release --test soak -- --ignored --nocapture
+//! GHMD_SOAK_SECS=300 cargo test --release --test it soak -- --ignored --nocapture
 //! ```
 //! (`GHMD_SOAK_STREAMS` and `GHMD_SOAK_JOBS` change the load.)
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ghmd::client::{Client, norms_request};
-use ghmd::proto::{HarmonizeRequest, HarmonizeResponse, JobSpec, Loss};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use ghmd::proto::{HarmonizeRequest, HarmonizeResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::support::binary::{Ghmd, Launch};
+use crate::support::spec::with_world;
+use crate::support::{Draw, SplitMix, ghm_c};
 
 const RANKS: u32 = 4;
 
@@ -42,70 +43,12 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// `ghmd serve` as a child process on a free loopback port, killed when dropped.
-struct Daemon {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-impl Daemon {
-    /// Resident set size and its peak, in KiB, from /proc.
-    fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc status");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-async fn start_daemon(streams: usize) -> (Daemon, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("ghmd-soak-{}-{port}.log", std::process::id()));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghmd"))
-        .args(["serve", "--listen", &listen])
-        .args(["--in-memory", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--max-concurrent-requests", &(streams * 2 + 64).to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn ghmd");
-    let daemon = Daemon { child, log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(&listen).await.is_err() {
-        assert!(Instant::now() < deadline, "ghmd did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (daemon, format!("http://{listen}"))
-}
-
-fn spec(world_size: u32) -> JobSpec {
-    JobSpec {
-        loss: Loss::GhmC.into(),
-        bins: 30,
-        momentum: 0.75,
-        world_size,
-        ..Default::default()
-    }
+/// The real binary, with room for every stream and some to spare.
+fn start_ghmd(streams: usize) -> Ghmd {
+    let limit = (streams * 2 + 64).to_string();
+    Launch::in_memory()
+        .args(&["--max-concurrent-requests", &limit])
+        .start()
 }
 
 /// What every stream task reports back.
@@ -152,14 +95,9 @@ impl Stream {
     }
 }
 
-fn batch(rng: &mut StdRng) -> Vec<f32> {
-    let len = rng.random_range(1..2048);
-    (0..len)
-        .map(|_| {
-            let u: f32 = rng.random();
-            if rng.random_bool(0.7) { u.powi(4) } else { u }
-        })
-        .collect()
+fn batch(rng: &mut SplitMix) -> Vec<f32> {
+    let len = rng.range(1..2048);
+    (0..len).map(|_| rng.detector_norm()).collect()
 }
 
 /// An asynchronous job's stream: steps until the deadline; one in `provoke_every` messages is
@@ -172,7 +110,7 @@ async fn async_worker(
     provoke_every: Option<u64>,
     acked: Arc<AtomicU64>,
 ) -> Tally {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix(seed);
     let mut tally = Tally::default();
     let mut stream = match Stream::open(&channel).await {
         Ok(stream) => stream,
@@ -239,7 +177,7 @@ async fn sync_worker(
     last_step: Arc<AtomicU64>,
     completed: Arc<AtomicU64>,
 ) -> Tally {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix(seed);
     let mut tally = Tally::default();
     let mut stream = match Stream::open(&channel).await {
         Ok(stream) => stream,
@@ -298,7 +236,8 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 async fn soak(load: Load) {
-    let (daemon, uri) = start_daemon(load.streams).await;
+    let daemon = start_ghmd(load.streams);
+    let uri = daemon.uri();
     let mut admin = Client::connect(uri.clone()).await.expect("connect");
 
     // A quarter of the jobs are step-synchronous with 4 ranks, one stream per rank; the other
@@ -326,12 +265,18 @@ async fn soak(load: Load) {
     let mut acked: HashMap<String, Arc<AtomicU64>> = HashMap::new();
     for job in 0..async_jobs {
         let id = format!("soak/async-{job}");
-        admin.create_job(&id, spec(1)).await.expect("create");
+        admin
+            .create_job(&id, with_world(ghm_c(30, 0.75), 1))
+            .await
+            .expect("create");
         acked.insert(id, Arc::new(AtomicU64::new(0)));
     }
     for job in 0..sync_jobs {
         let id = format!("soak/sync-{job}");
-        admin.create_job(&id, spec(RANKS)).await.expect("create");
+        admin
+            .create_job(&id, with_world(ghm_c(30, 0.75), RANKS))
+            .await
+            .expect("create");
         acked.insert(id, Arc::new(AtomicU64::new(0)));
     }
 
@@ -464,7 +409,7 @@ async fn soak(load: Load) {
         rss_end <= rss_settled + rss_settled / 2 + 16 * 1024,
         "server RSS grew from {rss_settled} KiB (a third into the run) to {rss_end} KiB"
     );
-    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let log = daemon.log();
     assert!(
         !log.contains("ERROR") && !log.contains("panicked"),
         "server log:\n{log}"
@@ -482,7 +427,7 @@ async fn soak_short() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "minutes long: GHMD_SOAK_SECS=300 cargo test --release --test soak -- --ignored --nocapture"]
+#[ignore = "minutes long: GHMD_SOAK_SECS=300 cargo test --release --test it soak -- --ignored --nocapture"]
 async fn soak_long() {
     soak(Load {
         duration: Duration::from_secs(env_or("GHMD_SOAK_SECS", 300)),

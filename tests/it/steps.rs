@@ -2,11 +2,8 @@
 //! give the concatenated batch, whatever the arrival order; timeouts, partial steps, retries,
 //! elastic world sizes, restores, and many jobs at once.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestServer, bits};
 use ghmd::client::{Client, bytes_to_f32s, norms_request};
 use ghmd::ghm::{self, BinEdges, Density, InputField, Loss};
 use ghmd::proto::harmonize_request::Input;
@@ -14,9 +11,10 @@ use ghmd::proto::{
     self, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec,
     RestoreJobRequest, UpdateJobRequest,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tonic::Code;
+
+use crate::support::spec::{of_loss, with_world};
+use crate::support::{Draw, SplitMix, TestServer, bits, ghm_c, le, step_synchronous};
 
 #[derive(Clone, Debug)]
 struct Shard {
@@ -24,25 +22,15 @@ struct Shard {
     label_weights: Vec<f32>,
 }
 
-fn le(values: &[f32]) -> Vec<[u8; 4]> {
-    values.iter().map(|v| v.to_le_bytes()).collect()
-}
-
-fn random_shard(rng: &mut StdRng, loss: Loss) -> Shard {
-    let len = if rng.random_bool(0.15) {
+fn random_shard(rng: &mut SplitMix, loss: Loss) -> Shard {
+    let len = if rng.chance(0.15) {
         0
     } else {
-        rng.random_range(1..400)
+        rng.range(1..400)
     };
-    let norms = (0..len)
-        .map(|_| {
-            // Mostly easy examples near 0, as in a detector's flood of negatives.
-            let u: f32 = rng.random();
-            if rng.random_bool(0.7) { u.powi(4) } else { u }
-        })
-        .collect();
+    let norms = (0..len).map(|_| rng.detector_norm()).collect();
     let label_weights = (0..len)
-        .map(|_| match (loss, rng.random_range(0..10)) {
+        .map(|_| match (loss, rng.below(10)) {
             (_, 0) => 0.0,
             (Loss::GhmR, 1) => 0.5,
             (Loss::GhmR, 2) => 2.0,
@@ -53,29 +41,6 @@ fn random_shard(rng: &mut StdRng, loss: Loss) -> Shard {
         norms,
         label_weights,
     }
-}
-
-fn job_spec(loss: Loss, bins: u32, momentum: f64, world_size: u32) -> JobSpec {
-    JobSpec {
-        loss: match loss {
-            Loss::GhmC => proto::Loss::GhmC,
-            Loss::GhmR => proto::Loss::GhmR,
-        }
-        .into(),
-        bins,
-        momentum,
-        world_size,
-        ..Default::default()
-    }
-}
-
-fn with_timeout(mut spec: JobSpec, timeout: Duration, partial: bool) -> JobSpec {
-    spec.step_timeout = Some(prost_types::Duration {
-        seconds: timeout.as_secs() as i64,
-        nanos: timeout.subsec_nanos() as i32,
-    });
-    spec.allow_partial_steps = partial;
-    spec
 }
 
 /// The pure module run on the concatenation of a step's shards: what one process would give.
@@ -206,7 +171,7 @@ async fn run_distributed(world_size: u32, loss: Loss, histogram_ranks: u32, seed
     let momentum = 0.75;
     let server = TestServer::start().await;
     let job_id = format!("dist/w{world_size}/h{histogram_ranks}/{loss:?}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SplitMix(seed);
     let shards: Vec<Vec<Shard>> = (0..STEPS)
         .map(|_| {
             (0..world_size)
@@ -217,7 +182,10 @@ async fn run_distributed(world_size: u32, loss: Loss, histogram_ranks: u32, seed
     server
         .client()
         .await
-        .create_job(&job_id, job_spec(loss, BINS as u32, momentum, world_size))
+        .create_job(
+            &job_id,
+            with_world(of_loss(loss, BINS as u32, momentum), world_size),
+        )
         .await
         .expect("create");
 
@@ -229,12 +197,12 @@ async fn run_distributed(world_size: u32, loss: Loss, histogram_ranks: u32, seed
             .map(|step| step[rank as usize].clone())
             .collect();
         let job_id = job_id.clone();
-        let mut delays = StdRng::seed_from_u64(seed * 1000 + u64::from(rank));
+        let mut delays = SplitMix(seed * 1000 + u64::from(rank));
         let sends_histograms = rank < histogram_ranks;
         tasks.push(tokio::spawn(async move {
             let mut answers = Vec::new();
             for (step, shard) in shards.iter().enumerate() {
-                tokio::time::sleep(Duration::from_micros(delays.random_range(0..3000))).await;
+                tokio::time::sleep(Duration::from_micros(delays.below(3000))).await;
                 let request = if sends_histograms {
                     histogram_request(&job_id, step as u64, rank, loss, BINS, shard)
                 } else {
@@ -323,7 +291,7 @@ async fn get_state(client: &mut Client, job_id: &str) -> proto::JobState {
 }
 
 fn small_shard(seed: u64) -> Shard {
-    random_shard(&mut StdRng::seed_from_u64(seed), Loss::GhmC)
+    random_shard(&mut SplitMix(seed), Loss::GhmC)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,7 +299,7 @@ async fn a_missing_rank_aborts_the_step_naming_it_and_the_job_takes_the_next_att
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let timeout = Duration::from_millis(400);
-    let spec = with_timeout(job_spec(Loss::GhmC, 10, 0.5, 3), timeout, false);
+    let spec = step_synchronous(ghm_c(10, 0.5), 3, timeout);
     client.create_job("abort", spec).await.expect("create");
     let shards: Vec<Shard> = (0..3).map(small_shard).collect();
 
@@ -392,7 +360,10 @@ async fn with_partial_steps_the_step_applies_without_the_missing_rank_and_says_s
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let timeout = Duration::from_millis(300);
-    let spec = with_timeout(job_spec(Loss::GhmC, 10, 0.5, 3), timeout, true);
+    let spec = JobSpec {
+        allow_partial_steps: true,
+        ..step_synchronous(ghm_c(10, 0.5), 3, timeout)
+    };
     client.create_job("partial", spec).await.expect("create");
     let shards: Vec<Shard> = (0..2).map(|s| small_shard(s + 10)).collect();
     let mut tasks = Vec::new();
@@ -455,7 +426,7 @@ async fn a_resend_after_success_gets_the_identical_answer_until_its_table_is_dro
     let server = TestServer::start_with(|config| config.kept_steps = 2).await;
     let mut client = server.client().await;
     client
-        .create_job("retry", job_spec(Loss::GhmC, 10, 0.75, 2))
+        .create_job("retry", with_world(ghm_c(10, 0.75), 2))
         .await
         .expect("create");
     let steps: Vec<Vec<Shard>> = (0..4)
@@ -499,7 +470,7 @@ async fn a_resend_while_pending_replaces_the_earlier_contribution() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("replace", job_spec(Loss::GhmC, 10, 0.75, 2))
+        .create_job("replace", with_world(ghm_c(10, 0.75), 2))
         .await
         .expect("create");
     let (lost, resent, other) = (small_shard(1), small_shard(2), small_shard(3));
@@ -551,7 +522,7 @@ async fn a_later_step_waits_for_the_earlier_one_and_steps_apply_in_order() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("order", job_spec(Loss::GhmC, 10, 0.75, 2))
+        .create_job("order", with_world(ghm_c(10, 0.75), 2))
         .await
         .expect("create");
     let steps: Vec<Vec<Shard>> = (0..2)
@@ -590,7 +561,7 @@ async fn a_rank_outside_the_world_is_invalid_and_changes_nothing() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("ranks", job_spec(Loss::GhmC, 10, 0.75, 4))
+        .create_job("ranks", with_world(ghm_c(10, 0.75), 4))
         .await
         .expect("create");
     let status = client
@@ -618,7 +589,7 @@ async fn update_job_changes_the_world_size_from_a_step_on() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("elastic", job_spec(Loss::GhmC, 10, 0.75, 2))
+        .create_job("elastic", with_world(ghm_c(10, 0.75), 2))
         .await
         .expect("create");
     let mut reference = Reference::new(Loss::GhmC, 10, 0.75);
@@ -667,7 +638,7 @@ async fn restoring_a_checkpoint_replays_the_same_bits() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("restore", job_spec(Loss::GhmC, 30, 0.75, 2))
+        .create_job("restore", with_world(ghm_c(30, 0.75), 2))
         .await
         .expect("create");
     let steps: Vec<Vec<Shard>> = (0..8)
@@ -734,11 +705,11 @@ async fn a_stalled_job_does_not_hold_up_other_jobs_and_deleting_it_releases_its_
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("stalled", job_spec(Loss::GhmC, 10, 0.75, 2))
+        .create_job("stalled", with_world(ghm_c(10, 0.75), 2))
         .await
         .expect("create");
     client
-        .create_job("free", job_spec(Loss::GhmC, 10, 0.75, 0))
+        .create_job("free", with_world(ghm_c(10, 0.75), 0))
         .await
         .expect("create");
     let mut waiting_client = server.client().await;
@@ -777,7 +748,7 @@ async fn sixty_four_jobs_of_eight_ranks_run_a_hundred_steps_at_once() {
         client
             .create_job(
                 &format!("stress/{job}"),
-                job_spec(Loss::GhmC, BINS as u32, 0.75, RANKS),
+                with_world(ghm_c(BINS as u32, 0.75), RANKS),
             )
             .await
             .expect("create");
@@ -846,7 +817,7 @@ async fn asynchronous_jobs_reject_a_world_size_update_and_a_next_step() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("async", job_spec(Loss::GhmC, 10, 0.75, 1))
+        .create_job("async", with_world(ghm_c(10, 0.75), 1))
         .await
         .expect("create");
     let status = client

@@ -185,7 +185,58 @@ def _request(
     return request
 
 
-class Client:
+class _Steps:
+    """The three Harmonize requests, written once for the unary client and the stream session.
+
+    Each builds its request here and hands it to ``_send``, the one thing that differs: a unary
+    call with retries, or a message on the session's open stream.
+    """
+
+    def _send(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
+        raise NotImplementedError
+
+    def harmonize(
+        self,
+        job_id: str,
+        gradient_norms: Any,
+        label_weights: Any = None,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """Weighs one batch of gradient norms g (any array-like, flattened; sent as float32)."""
+        return self._send(
+            _request(job_id, step, rank, gradient_norms=gradient_norms, label_weights=label_weights)
+        )
+
+    def harmonize_residuals(
+        self,
+        job_id: str,
+        residuals: Any,
+        label_weights: Any = None,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """GHM-R only: weighs residuals d = pred - target; the server derives g from them."""
+        return self._send(
+            _request(job_id, step, rank, residuals=residuals, label_weights=label_weights)
+        )
+
+    def harmonize_histogram(
+        self,
+        job_id: str,
+        counts: Any,
+        tot: float,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """Weighs a batch the caller binned itself: M counts of valid elements and the raw tot.
+
+        The answer has no per-element weights: apply ``bin_weights`` to the elements locally.
+        """
+        return self._send(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
+
+
+class Client(_Steps):
     """A connection to one ghmd server. Thread-safe; one per process is enough.
 
     ``token`` is sent as ``authorization: Bearer <token>`` on every call. ``tls`` is None
@@ -373,49 +424,9 @@ class Client:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _harmonize(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
+    def _send(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
         response = self._unary("Harmonize", request, timeout=self.harmonize_timeout)
         return Harmonized.from_proto(response)
-
-    def harmonize(
-        self,
-        job_id: str,
-        gradient_norms: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        """Weighs one batch of gradient norms g (any array-like, flattened; sent as float32)."""
-        return self._harmonize(
-            _request(job_id, step, rank, gradient_norms=gradient_norms, label_weights=label_weights)
-        )
-
-    def harmonize_residuals(
-        self,
-        job_id: str,
-        residuals: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        """GHM-R only: weighs residuals d = pred - target; the server derives g from them."""
-        return self._harmonize(
-            _request(job_id, step, rank, residuals=residuals, label_weights=label_weights)
-        )
-
-    def harmonize_histogram(
-        self,
-        job_id: str,
-        counts: Any,
-        tot: float,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        """Weighs a batch the caller binned itself: M counts of valid elements and the raw tot.
-
-        The answer has no per-element weights: apply ``bin_weights`` to the elements locally.
-        """
-        return self._harmonize(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
 
     def stream(self) -> "HarmonizeSession":
         """A session that keeps one HarmonizeStream open, for a training loop."""
@@ -425,7 +436,7 @@ class Client:
 _CLOSE = object()
 
 
-class HarmonizeSession:
+class HarmonizeSession(_Steps):
     """One HarmonizeStream kept open across many steps: one request, then its response.
 
     A step costs one message each way on an open HTTP/2 stream instead of a new call. Not
@@ -463,7 +474,7 @@ class HarmonizeSession:
         self._requests = None
         self._responses = None
 
-    def _exchange(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
+    def _send(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
         def once() -> ghm_pb2.HarmonizeResponse:
             if self._requests is None:
                 self._open()
@@ -480,40 +491,6 @@ class HarmonizeSession:
                 ) from None
 
         return Harmonized.from_proto(self._client._with_retries("HarmonizeStream", once))
-
-    def harmonize(
-        self,
-        job_id: str,
-        gradient_norms: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        return self._exchange(
-            _request(job_id, step, rank, gradient_norms=gradient_norms, label_weights=label_weights)
-        )
-
-    def harmonize_residuals(
-        self,
-        job_id: str,
-        residuals: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        return self._exchange(
-            _request(job_id, step, rank, residuals=residuals, label_weights=label_weights)
-        )
-
-    def harmonize_histogram(
-        self,
-        job_id: str,
-        counts: Any,
-        tot: float,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        return self._exchange(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
 
     def close(self) -> None:
         self._drop()

@@ -14,7 +14,10 @@ RetinaNet config), the median of --repeat calls of:
     - reference: mmdetection's GHMC forward
     - ghmd.torch.GHMC, mode="histogram" and mode="raw"
 and prints each with its ratio to the reference measured in the same run (> 1: faster than
-the reference). It also checks that every path gave the reference's weights bit for bit.
+the reference). Then a training step's loss, forward and backward, against the loss without
+GHM at all, plain ``binary_cross_entropy_with_logits`` (mean) forward and backward on the same
+logits, and prints what GHM costs as a multiple of it (issue 14's goal: <= 3). It also checks
+that every path gave the reference's weights bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -136,7 +140,7 @@ def run(args) -> None:
                        job_id=f"bench/{run_id}/histogram", mode="histogram")
 
     def histogram_weights():
-        weights, _ = hist_module._weigh(g, valid, label_weight)
+        weights, _ = hist_module._weigh(g, label_weight)
         first.setdefault("histogram", weights)
 
     loss_reference = PortGHMC(bins=args.bins, momentum=args.momentum)
@@ -144,6 +148,13 @@ def run(args) -> None:
                      job_id=f"bench/{run_id}/loss-histogram", mode="histogram")
     loss_raw = GHMC(bins=args.bins, momentum=args.momentum, client=client,
                     job_id=f"bench/{run_id}/loss-raw", mode="raw")
+
+    def plain_bce(logits, target, label_weight):
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    def forward_backward(loss_fn):
+        logits = pred.detach().requires_grad_()
+        loss_fn(logits, target, label_weight).backward()
 
     print(f"GHM-C, {rows * args.classes:,} elements ({rows:,} x {args.classes}), "
           f"bins {args.bins}, momentum {args.momentum}, median of {args.repeat} "
@@ -167,6 +178,18 @@ def run(args) -> None:
             results[(group, name)] = seconds
             baseline = baseline or seconds
             print(f"  {name:<32} {seconds * 1e3:9.2f} ms   x{baseline / seconds:6.1f}")
+
+    print("\nloss forward + backward:")
+    bce_seconds = median_seconds(lambda: forward_backward(plain_bce), args.repeat, args.warmup)
+    print(f"  {'plain BCE (the baseline)':<32} {bce_seconds * 1e3:9.2f} ms   1.0 x BCE")
+    for name, module in (("ghmd.torch.GHMC, histogram", loss_hist),
+                         ("mmdetection GHMC (reference)", loss_reference)):
+        seconds = median_seconds(lambda: forward_backward(module), args.repeat, args.warmup)
+        print(f"  {name:<32} {seconds * 1e3:9.2f} ms   {seconds / bce_seconds:4.1f} x BCE")
+        results[("forward + backward", name)] = seconds
+    print(f"\nghmd.torch.GHMC histogram forward + backward / plain BCE forward + backward: "
+          f"{results[('forward + backward', 'ghmd.torch.GHMC, histogram')] / bce_seconds:.2f} "
+          "(goal <= 3)")
 
     same = all(torch.equal(first["reference"], first[path]) for path in ("raw", "histogram"))
     print(f"\nweights of every path equal to the reference bit for bit: {'yes' if same else 'NO'}")

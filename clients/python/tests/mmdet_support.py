@@ -45,6 +45,9 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
 register_all_modules()  # mmdetection's scope, as its tools/train.py does
+# One intra-op thread: the CI machine has two cores shared with the server and other jobs, and
+# an oversubscribed torch is several times slower; the bits compared here do not depend on it.
+torch.set_num_threads(1)
 
 #: mmdetection's own configs, shipped in its wheel.
 CONFIGS = Path(mmdet.__file__).resolve().parent / ".mim" / "configs"
@@ -62,22 +65,23 @@ def ghm_losses(kind: str, job_id: str = "", address: str = "") -> str:
         cls_job = f", address={address!r}, job_id={job_id!r}"
         bbox_job = f", address={address!r}, job_id={job_id + '/bbox'!r}"
     return (
-        "model = dict(bbox_head=dict(\n"
+        "bbox_head=dict(\n"
         f"    loss_cls=dict(_delete_=True, type={names[0]!r}, bins=30, momentum=0.75,"
         f" use_sigmoid=True, loss_weight=1.0{cls_job}),\n"
         f"    loss_bbox=dict(_delete_=True, type={names[1]!r}, mu=0.02, bins=10, momentum=0.7,"
-        f" loss_weight=10.0{bbox_job})))\n"
+        f" loss_weight=10.0{bbox_job}))"
     )
 
 
-def write_config(directory: Path, name: str, body: str, base: Path = RETINANET_R18) -> Path:
-    """A config file on top of one of mmdetection's, with a small RetinaNet: ResNet-18 without
-    pretrained weights (nothing downloads) and ghmd's custom_imports line."""
+def write_config(directory: Path, name: str, head: str, base: Path = RETINANET_R18) -> Path:
+    """A config file on top of one of mmdetection's: a small RetinaNet (ResNet-18 without
+    pretrained weights, so nothing downloads), ghmd's custom_imports line, and ``head``, the
+    model's bbox_head entry (``ghm_losses``)."""
     path = directory / f"{name}.py"
     path.write_text(
         f"_base_ = {str(base)!r}\n"
         'custom_imports = dict(imports=["ghmd.mmdet"], allow_failed_imports=False)\n'
-        "model = dict(backbone=dict(init_cfg=None))\n" + body
+        f"model = dict(backbone=dict(init_cfg=None), {head})\n"
     )
     return path
 

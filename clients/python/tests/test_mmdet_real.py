@@ -11,6 +11,8 @@ import torch
 from mmdet_support import RETINANET_R18, ghm_losses, tiny_batch, write_config
 from mmdet.registry import MODELS
 from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
 
 import ghmd.torch
 
@@ -80,3 +82,71 @@ def test_the_readme_lines_on_a_plain_retinanet_config(tmp_path, address, job_id)
         build(write_config(tmp_path, "merged", merged))
     message = str(error.value)
     assert "gamma=2.0" in message and "alpha=0.25" in message and "_delete_=True" in message
+
+
+class TinyDetection(torch.utils.data.Dataset):
+    """Four fixed images with boxes, in the form mmdetection's pipeline hands to the model."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        batch = tiny_batch(seed=100 + index, images=1)
+        return dict(inputs=batch["inputs"][0], data_samples=batch["data_samples"][0])
+
+
+class RecordLosses(Hook):
+    """Every iteration's scalar loss, by the iteration's number from 1, as the Runner logs it."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.losses[runner.iter + 1] = outputs["loss"].item()
+
+
+def runner_for(tmp_path, work_dir, job_id, address, **kwargs):
+    config = Config.fromfile(str(write_config(tmp_path, "runner", ghm_losses("ghmd", job_id,
+                                                                                address))))
+    runner = Runner(
+        model=config.model,
+        work_dir=str(work_dir),
+        train_dataloader=dict(batch_size=2, num_workers=0, dataset=TinyDetection(),
+                              sampler=dict(type="DefaultSampler", shuffle=False),
+                              collate_fn=dict(type="pseudo_collate")),
+        train_cfg=dict(type="IterBasedTrainLoop", max_iters=4),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=1e-3, momentum=0.9)),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False)),
+        randomness=dict(seed=0),
+        default_scope="mmdet",
+        **kwargs,
+    )
+    recorder = RecordLosses()
+    runner.register_hook(recorder, priority="LOWEST")
+    return runner, recorder
+
+
+def test_runner_checkpoint_and_resume_continue_the_density(tmp_path, address, job_id,
+                                                           monkeypatch):
+    """mmengine's Runner trains 4 iterations with a checkpoint every 2; a second Runner resumes
+    from iteration 2 (weights, optimizer, and ghmd's density through the loss's state_dict) and
+    gives iterations 3 and 4 the same losses and the same final weights, bit for bit."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # mmengine's resume, torch >= 2.6
+    first, first_losses = runner_for(tmp_path, tmp_path / "first", job_id, address)
+    first.train()
+    assert sorted(first_losses.losses) == [1, 2, 3, 4]
+    checkpoint = tmp_path / "first" / "iter_2.pth"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert int(saved["bbox_head.loss_cls.steps"]) == 2 * 5  # 5 FPN levels per iteration
+    head = first.model.bbox_head
+
+    resumed, resumed_losses = runner_for(tmp_path, tmp_path / "resumed", job_id, address,
+                                         resume=True, load_from=str(checkpoint))
+    resumed.train()
+    assert sorted(resumed_losses.losses) == [3, 4]
+    for iteration in (3, 4):
+        assert resumed_losses.losses[iteration] == first_losses.losses[iteration], iteration
+    for (name, a), (_, b) in zip(first.model.state_dict().items(),
+                                 resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.model.bbox_head.loss_cls.last_result.step == head.loss_cls.last_result.step

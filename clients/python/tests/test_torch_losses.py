@@ -171,3 +171,75 @@ def test_a_job_with_another_spec_is_an_error(address, job_id):
     with pytest.raises(GhmdError) as error:
         clash(*next(batches_c(seed=1, steps=1)))
     assert error.value.code.name == "ALREADY_EXISTS"
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def sparse_bin_batch(dtype, n=100_000, classes=10):
+    """A large batch of easy negatives (g about 0, bin 0) and one element alone in a middle
+    bin: its weight tot / acc_sum / n is far above float16's 65504."""
+    pred = torch.full((n // classes, classes), -20.0)
+    pred[7, 3] = 0.0  # g = 0.5
+    target = torch.zeros_like(pred)
+    return pred.to(dtype), target.to(dtype), torch.ones_like(pred)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_inputs_are_weighed_and_applied_in_float32(address, job_id, dtype, mode):
+    """mmdetection's GHMC builds its weights with zeros_like(pred): in float16 tot / acc_sum
+    overflows to inf for a sparse bin of a large batch. ghmd's losses compute g, the weights and
+    the loss in float32 whatever the input dtype: the same bits as the float32 reference on the
+    upcast inputs, and a gradient that is that reference's, cast to the input's dtype."""
+    reference = PortGHMC(bins=30, momentum=0.75)
+    ours = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address, mode=mode)
+    for step in range(2):
+        pred, target, label_weight = sparse_bin_batch(dtype)
+        pred_ours = pred.clone().requires_grad_()
+        pred_ref = pred.float().requires_grad_()
+        loss = ours(pred_ours, target, label_weight)
+        expected = reference(pred_ref, target.float(), label_weight)
+        assert ours.last_result.bin_weights.max() > 65504, "the case must overflow float16"
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert_same(expected, loss, f"{dtype} loss at step {step}")
+        loss.backward()
+        expected.backward()
+        assert pred_ours.grad.dtype == dtype and torch.isfinite(pred_ours.grad).all()
+        assert_same(pred_ref.grad.to(dtype), pred_ours.grad, f"{dtype} gradient at step {step}")
+    ours.close()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_regression_inputs(address, job_id, dtype):
+    reference = PortGHMR(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0)
+    ours = GHMR(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, job_id=job_id, address=address)
+    for pred, target, label_weight in batches_r(seed=4, steps=3, n=20_000):
+        pred, target = pred.to(dtype), target.to(dtype)
+        loss = ours(pred, target, label_weight)
+        expected = reference(pred.float(), target.float(), label_weight)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert_same(expected, loss, f"{dtype} GHM-R loss")
+    ours.close()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_under_autocast_the_loss_is_float32(address, job_id, device):
+    """A head under autocast gives bfloat16 (CPU) or float16 (CUDA) logits; the loss, still
+    inside autocast, is the float32 reference's on those logits upcast."""
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 10).to(device)
+    features = torch.randn(20_000, 16, device=device) * 4
+    reference = PortGHMC(bins=30, momentum=0.75).to(device)
+    ours = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address).to(device)
+    target = (torch.rand(20_000, 10, device=device) < 0.02).float()
+    label_weight = torch.ones_like(target)
+    with torch.autocast(device_type=device, dtype=dtype):
+        logits = head(features)
+        assert logits.dtype == dtype
+        loss = ours(logits, target, label_weight)
+    expected = reference(logits.detach().float(), target, label_weight)
+    assert loss.dtype == torch.float32
+    assert_same(expected, loss.detach(), f"autocast {device}")
+    ours.close()

@@ -11,6 +11,7 @@ import datetime
 import queue
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, TypeVar, Union
@@ -291,6 +292,9 @@ class Client(_Steps):
                 credentials = tls
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = ghm_pb2_grpc.HarmonizerStub(self._channel)
+        # Closed when the client is collected or, at the latest, at interpreter exit: a channel
+        # with calls still open (a stream to a server that was killed) must not hold the exit.
+        self._closer = weakref.finalize(self, self._channel.close)
         self._metadata: Tuple[Tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -298,7 +302,7 @@ class Client(_Steps):
     # -- plumbing ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._channel.close()
+        self._closer()
 
     def __enter__(self) -> "Client":
         return self
@@ -436,6 +440,11 @@ class Client(_Steps):
 _CLOSE = object()
 
 
+def _end_stream(requests: queue.SimpleQueue, responses: Any) -> None:
+    requests.put(_CLOSE)
+    responses.cancel()
+
+
 class HarmonizeSession(_Steps):
     """One HarmonizeStream kept open across many steps: one request, then its response.
 
@@ -451,6 +460,7 @@ class HarmonizeSession(_Steps):
         self._client = client
         self._requests: Optional[queue.SimpleQueue] = None
         self._responses: Any = None
+        self._closer: Optional[weakref.finalize] = None
 
     def _open(self) -> None:
         requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -466,11 +476,15 @@ class HarmonizeSession(_Steps):
         self._responses = self._client._stub.HarmonizeStream(
             outgoing(), metadata=self._client._metadata
         )
+        # An open stream is ended when the session is collected or at interpreter exit, whichever
+        # comes first: left to grpc's own __del__ at exit, a stream to a killed server once hung
+        # the process. The callback holds the stream, not the session, so that it can be freed.
+        self._closer = weakref.finalize(self, _end_stream, requests, self._responses)
 
     def _drop(self) -> None:
-        if self._requests is not None:
-            self._requests.put(_CLOSE)
-            self._responses.cancel()
+        if self._closer is not None:
+            self._closer()
+        self._closer = None
         self._requests = None
         self._responses = None
 

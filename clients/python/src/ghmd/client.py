@@ -101,6 +101,9 @@ class Harmonized:
     acc_sum: np.ndarray
     #: Partial steps only: the ranks the step was applied without.
     missing_ranks: Tuple[int, ...]
+    #: The job's counters after the step (JobState's steps, elements, next_step), or None from
+    #: a server whose responses do not carry them: then only GetJob tells.
+    counters: Optional[Tuple[int, int, int]] = None
 
     @classmethod
     def from_proto(cls, response: ghm_pb2.HarmonizeResponse) -> "Harmonized":
@@ -113,7 +116,20 @@ class Harmonized:
             nonempty_bins=response.nonempty_bins,
             acc_sum=np.array(response.acc_sum, dtype=np.float32),
             missing_ranks=tuple(response.missing_ranks),
+            counters=_counters(response),
         )
+
+
+_COUNTERS = ("steps", "elements", "next_step")
+
+
+def _counters(response: ghm_pb2.HarmonizeResponse) -> Optional[Tuple[int, int, int]]:
+    # Read by name so that this client works with the contract before and after the counters
+    # joined HarmonizeResponse (a proto3 0 cannot be told from an absent field otherwise).
+    fields = response.DESCRIPTOR.fields_by_name
+    if not all(name in fields for name in _COUNTERS):
+        return None
+    return tuple(int(getattr(response, name)) for name in _COUNTERS)
 
 
 def _duration(value: Optional[Seconds], field: str):

@@ -72,6 +72,47 @@ def _unknown_arguments_message(name: str, unknown: Dict[str, Any]) -> str:
     return message
 
 
+class _JobMirror:
+    """What a loss module knows of its job's state without asking the server.
+
+    ``acc_sum`` and ``counters`` (steps, elements, next_step) come together from one answer: a
+    step whose response carries the counters, RestoreJob's Job, GetJob's Job. ``complete`` says
+    the counters are those of the density beside them; after a step whose response lacks them
+    (a server before they joined the contract) only GetJob can tell. ``next_call`` numbers the
+    module's own calls. A module and its deep copies share one mirror (mmengine's EMAHook copies
+    the model every iteration and never steps the copy): the copy reports the job's live state,
+    as the original does. A pickled copy starts blank and asks the server.
+    """
+
+    def __init__(self) -> None:
+        self.acc_sum = np.zeros(0, dtype=np.float32)
+        self.counters: Optional[Tuple[int, int, int]] = None
+        self.next_call: Optional[int] = None
+
+    def __deepcopy__(self, memo: Any) -> "_JobMirror":
+        return self
+
+    def __reduce__(self) -> Any:
+        return (_JobMirror, ())
+
+    @property
+    def complete(self) -> bool:
+        return self.counters is not None
+
+    def saw_state(self, state: Any) -> None:
+        """A JobState, or the mapping a checkpoint restores."""
+        if isinstance(state, dict):
+            self.acc_sum = np.asarray(state["acc_sum"], dtype=np.float32)
+            self.counters = tuple(int(state[name]) for name in _STATE_KEYS)
+        else:
+            self.acc_sum = np.array(state.acc_sum, dtype=np.float32)
+            self.counters = (state.steps, state.elements, state.next_step)
+
+    def saw_step(self, result: Harmonized) -> None:
+        self.acc_sum = result.acc_sum
+        self.counters = result.counters
+
+
 class _RemoteGHM(nn.Module):
     """What GHMC and GHMR share: the job, the step numbering, the exchange and the checkpoint."""
 
@@ -134,7 +175,7 @@ class _RemoteGHM(nn.Module):
         self._client = client
         self._session: Any = None
         self._job: Any = None
-        self._step: Optional[int] = None
+        self._mirror = _JobMirror()
         self._pending_restore: Optional[Dict[str, Any]] = None
 
     def extra_repr(self) -> str:
@@ -205,10 +246,14 @@ class _RemoteGHM(nn.Module):
             if self._world()[1] == 0:
                 self._connection().restore_job(self.job_id, state)
             torch.distributed.barrier()
-        if self._step is None:
-            state = job.state
-            self._step = state.next_step if job.spec.world_size > 1 else state.steps
-        return self._step
+        if self._mirror.next_call is None:
+            self._mirror.next_call = self._first_call(job.state.steps, job.state.next_step)
+        return self._mirror.next_call
+
+    def _first_call(self, steps: int, next_step: int) -> int:
+        # A step-synchronous job numbers its steps; an asynchronous one does not (next_step 0),
+        # and this module numbers its calls from the steps applied so far.
+        return next_step if self._ensure_job().spec.world_size > 1 else steps
 
     def _weigh(self, g: torch.Tensor, label_weight: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """The GHM weight of every element of g (float32, >= 0), and the step's tot (global,
@@ -245,7 +290,8 @@ class _RemoteGHM(nn.Module):
                 self.job_id, norms, label_weights=label_weights, step=step, rank=rank
             )
             weights = torch.from_numpy(result.weights).to(g.device).reshape(g.shape)
-        self._step = step + 1
+        self._mirror.next_call = step + 1
+        self._mirror.saw_step(result)
         self.last_result = result
         if self.momentum > 0 and result.acc_sum.size:
             self.acc_sum.copy_(torch.from_numpy(result.acc_sum))
@@ -293,19 +339,24 @@ class _RemoteGHM(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        """mmdetection's buffers plus the job's counters, from the mirror: no RPC once the
+        module has seen its job's full state (a restore, or a step whose answer carries the
+        counters), GetJob otherwise. The density saved is the job's, also for an EMA copy."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._ensure_job()
-        state = self._connection().get_job(self.job_id).state
+        mirror = self._mirror
+        if not mirror.complete:
+            self._ensure_job()
+            mirror.saw_state(self._connection().get_job(self.job_id).state)
+        steps, elements, job_next_step = mirror.counters
         if self.momentum > 0:
-            destination[prefix + "acc_sum"] = torch.tensor(
-                np.array(state.acc_sum, dtype=np.float32), device=self.edges.device
-            )
-        next_step = self._step
-        if next_step is None:
-            next_step = state.next_step if self._job.spec.world_size > 1 else state.steps
-        destination[prefix + "steps"] = torch.tensor(state.steps, dtype=torch.int64)
-        destination[prefix + "elements"] = torch.tensor(state.elements, dtype=torch.int64)
-        destination[prefix + "next_step"] = torch.tensor(next_step, dtype=torch.int64)
+            # A copy: averaging hooks (EMAHook) write into the tensors state_dict returns.
+            destination[prefix + "acc_sum"] = torch.tensor(mirror.acc_sum, device=self.edges.device)
+        next_call = mirror.next_call
+        if next_call is None:
+            next_call = self._first_call(steps, job_next_step)
+        destination[prefix + "steps"] = torch.tensor(steps, dtype=torch.int64)
+        destination[prefix + "elements"] = torch.tensor(elements, dtype=torch.int64)
+        destination[prefix + "next_step"] = torch.tensor(next_call, dtype=torch.int64)
 
     def _load_from_state_dict(
         self,
@@ -340,17 +391,18 @@ class _RemoteGHM(nn.Module):
             "elements": counter("elements"),
             "next_step": counter("next_step"),
         }
-        self._step = state["next_step"]
+        self._mirror.next_call = state["next_step"]
         world_size, _ = self._world()
         if world_size > 1:
             self._pending_restore = state
+            self._mirror.saw_state(state)  # what rank 0 restores before the first step
         else:
             # An asynchronous job has no next step of its own; the counter above only numbers
             # (and echoes) this module's calls.
             job = self._ensure_job()
             if job.spec.world_size <= 1:
                 state["next_step"] = 0
-            self._connection().restore_job(self.job_id, state)
+            self._mirror.saw_state(self._connection().restore_job(self.job_id, state).state)
 
 
 class GHMC(_RemoteGHM):

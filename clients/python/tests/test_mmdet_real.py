@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmdet_support import RETINANET_R18, ghm_losses, tiny_batch, write_config
+from conftest import REPO_ROOT
+from mmdet_support import CONFIGS, ghm_losses, tiny_batch, write_config
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.hooks import Hook
@@ -66,20 +67,32 @@ def test_retinanet_trains_bit_for_bit_as_with_mmdetections_own_ghm(tmp_path, add
         assert ours_loss.last_result.step == ITERATIONS * 5 - 1  # a step per level
 
 
-def test_the_readme_lines_on_a_plain_retinanet_config(tmp_path, address, job_id):
-    """retinanet_r18_fpn_1x_coco.py has FocalLoss, whose gamma and alpha mmengine would merge
-    into the new dict: the README's lines replace it (_delete_=True), and without that line the
-    error says what to write."""
-    model = build(write_config(tmp_path, "readme", ghm_losses("ghmd", job_id, address)))
-    loss_cls = model.bbox_head.loss_cls
-    assert (type(loss_cls), loss_cls.bins, loss_cls.momentum, loss_cls.job_id) == (
-        ghmd.torch.GHMC, 30, 0.75, job_id)
-    assert Config.fromfile(str(RETINANET_R18)).model.bbox_head.loss_cls.type == "FocalLoss"
+def readme_config_lines() -> str:
+    """The README's mmdetection config lines, verbatim."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("**mmdetection: the config change.**"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n")]
 
-    merged = ghm_losses("ghmd", job_id, address).replace("loss_cls=dict(_delete_=True, ",
-                                                         "loss_cls=dict(")
+
+def test_the_readme_lines_on_a_plain_retinanet_config(tmp_path):
+    """retinanet_r50_fpn_1x_coco.py has FocalLoss, whose gamma and alpha mmengine would merge
+    into the new dict: the README's lines, as written, replace it (_delete_=True) and build
+    ghmd's losses; without that key the error says what to write."""
+    base = CONFIGS / "retinanet" / "retinanet_r50_fpn_1x_coco.py"
+    assert Config.fromfile(str(base)).model.bbox_head.loss_cls.type == "FocalLoss"
+    lines = readme_config_lines()
+    assert "_delete_=True" in lines and "ghmd.mmdet" in lines
+    path = tmp_path / "readme.py"
+    path.write_text(f"_base_ = {str(base)!r}\n" + lines)
+    model = build(path)
+    loss_cls, loss_bbox = model.bbox_head.loss_cls, model.bbox_head.loss_bbox
+    assert (type(loss_cls), loss_cls.bins, loss_cls.momentum, loss_cls.job_id) == (
+        ghmd.torch.GHMC, 30, 0.75, "retinanet-ghm/cls")
+    assert (type(loss_bbox), loss_bbox.mu, loss_bbox.loss_weight) == (ghmd.torch.GHMR, 0.02, 10.0)
+
+    path.write_text(f"_base_ = {str(base)!r}\n" + lines.replace("_delete_=True, ", ""))
     with pytest.raises(TypeError) as error:
-        build(write_config(tmp_path, "merged", merged))
+        build(path)
     message = str(error.value)
     assert "gamma=2.0" in message and "alpha=0.25" in message and "_delete_=True" in message
 

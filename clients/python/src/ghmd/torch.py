@@ -322,7 +322,9 @@ class _RemoteGHM(nn.Module):
     def _reduce(
         self, loss: torch.Tensor, weights: torch.Tensor, reduction: str, tot: float
     ) -> torch.Tensor:
-        loss = loss * weights
+        # In place: the element losses are this module's own tensor, and neither BCE's nor
+        # GHM-R's backward reads it.
+        loss = loss.mul_(weights)
         if reduction == "mean":
             loss = loss.sum() / (tot + _EPS)
             world_size, _ = self._world()

@@ -121,6 +121,13 @@ class Harmonized:
 
 
 _COUNTERS = ("steps", "elements", "next_step")
+# The run identity a CreateJob will carry once the server tells runs apart (issue 13, point 1).
+_RUN_FIELD = "run_id"
+
+
+def carries_run_identity() -> bool:
+    """Whether this client's contract can send a run identity with CreateJob."""
+    return _RUN_FIELD in ghm_pb2.CreateJobRequest.DESCRIPTOR.fields_by_name
 
 
 def _counters(response: ghm_pb2.HarmonizeResponse) -> Optional[Tuple[int, int, int]]:
@@ -383,8 +390,14 @@ class Client(_Steps):
         world_size: int = 0,
         step_timeout: Optional[Seconds] = None,
         allow_partial_steps: bool = False,
+        run_id: Optional[str] = None,
     ) -> ghm_pb2.Job:
-        """Creates a job, or returns the existing one if it has the same spec (idempotent)."""
+        """Creates a job, or returns the existing one if it has the same spec (idempotent).
+
+        ``run_id`` names the training run that uses the job (one per run, the same on every
+        rank: see ``ghmd.torch.run_identity``), for a server that tells runs apart; a contract
+        without that field refuses it rather than dropping it.
+        """
         spec = ghm_pb2.JobSpec(
             loss=_loss(loss),
             bins=bins,
@@ -396,7 +409,15 @@ class Client(_Steps):
         duration = _duration(step_timeout, "step_timeout")
         if duration is not None:
             spec.step_timeout.CopyFrom(duration)
-        return self._unary("CreateJob", ghm_pb2.CreateJobRequest(job_id=job_id, spec=spec))
+        request = ghm_pb2.CreateJobRequest(job_id=job_id, spec=spec)
+        if run_id is not None:
+            if not carries_run_identity():
+                raise ValueError(
+                    f"run_id = {run_id!r}: this client's contract (ghm.v1 CreateJobRequest) has "
+                    f"no {_RUN_FIELD!r} field yet"
+                )
+            setattr(request, _RUN_FIELD, run_id)
+        return self._unary("CreateJob", request)
 
     def get_job(self, job_id: str) -> ghm_pb2.Job:
         return self._unary("GetJob", ghm_pb2.GetJobRequest(job_id=job_id))

@@ -19,6 +19,7 @@ gradient is that of ``sum(w * L) / tot_global`` over the global batch.
 from __future__ import annotations
 
 import datetime
+import uuid
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -27,9 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binning import bin_edges, bin_indices, bin_slots, slot_count, upper_edges
-from .client import Client, Harmonized, TLSConfig
+from .client import Client, Harmonized, TLSConfig, carries_run_identity
 
-__all__ = ["GHMC", "GHMR", "bin_edges", "bin_indices", "expand_onehot_labels", "register_mmdet"]
+__all__ = [
+    "GHMC",
+    "GHMR",
+    "bin_edges",
+    "bin_indices",
+    "expand_onehot_labels",
+    "register_mmdet",
+    "run_identity",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _MODES = ("histogram", "raw")
@@ -37,6 +46,30 @@ _MODES = ("histogram", "raw")
 _EPS = torch.finfo(torch.float32).eps
 # The job state a checkpoint carries beside mmdetection's own buffers (edges, acc_sum).
 _STATE_KEYS = ("steps", "elements", "next_step")
+
+
+_RUN: Optional[str] = None
+
+
+def run_identity() -> str:
+    """This training run's identity: drawn once per process at random by rank 0 and shared over
+    the default process group (a collective: every rank must call it, as every rank calls the
+    loss), so that all ranks of a run name the same run and two runs never do.
+
+    The losses send it with CreateJob when the contract carries one (``Client.create_job``'s
+    ``run_id``), so that a server that tells runs apart can start a fresh run from an empty
+    density and refuse a second live run on the same job; a plain Client can do the same.
+    """
+    global _RUN
+    if _RUN is None:
+        drawn = uuid.uuid4().hex
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [drawn if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            drawn = shared[0]
+        _RUN = drawn
+    return _RUN
 
 
 def expand_onehot_labels(
@@ -222,7 +255,10 @@ class _RemoteGHM(nn.Module):
             self._session = self._connection().stream()
         return self._session
 
-    def _ensure_job(self) -> Any:
+    def _run_id(self) -> Optional[str]:
+        return run_identity() if self._job is None and carries_run_identity() else None
+
+    def _ensure_job(self, run_id: Optional[str] = None) -> Any:
         if self._job is None:
             world_size, _ = self._world()
             self._job = self._connection().create_job(
@@ -234,11 +270,14 @@ class _RemoteGHM(nn.Module):
                 world_size=world_size if world_size > 1 else 0,
                 step_timeout=self.step_timeout,
                 allow_partial_steps=self.allow_partial_steps,
+                run_id=run_id,
             )
         return self._job
 
     def _next_step(self) -> int:
-        job = self._ensure_job()
+        # Every rank gets here at the same call, where run_identity's collective is safe; a
+        # state_dict on rank 0 alone (CheckpointHook) may create the job too, without it.
+        job = self._ensure_job(self._run_id())
         if self._pending_restore is not None:
             # Every rank loaded the same checkpoint; one restore, then a barrier so that no rank
             # sends its step before the job is back (a restore aborts pending steps).
@@ -400,8 +439,9 @@ class _RemoteGHM(nn.Module):
             self._mirror.saw_state(state)  # what rank 0 restores before the first step
         else:
             # An asynchronous job has no next step of its own; the counter above only numbers
-            # (and echoes) this module's calls.
-            job = self._ensure_job()
+            # (and echoes) this module's calls. Every rank loads the checkpoint: run_identity's
+            # collective is safe here too.
+            job = self._ensure_job(self._run_id())
             if job.spec.world_size <= 1:
                 state["next_step"] = 0
             self._mirror.saw_state(self._connection().restore_job(self.job_id, state).state)

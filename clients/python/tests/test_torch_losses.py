@@ -158,6 +158,11 @@ def test_constructor_matches_mmdetection(address, job_id):
         GHMC(30, 0.75)  # the job id is required, and keyword-only after mmdetection's arguments
     with pytest.raises(ValueError, match="job_id"):
         GHMC(job_id="")
+    with pytest.raises(TypeError, match="bnis=30") as error:
+        GHMC(job_id=job_id, bnis=30)  # a typo is named, not ignored
+    assert "_delete_" not in str(error.value)
+    with pytest.raises(TypeError, match="_delete_=True"):
+        GHMC(job_id=job_id, gamma=2.0, alpha=0.25)  # FocalLoss's keys, merged by mmengine
     loss = GHMR(0.05, 12, 0.6, 2.0, job_id=job_id, address=address)
     assert (loss.mu, loss.bins, loss.momentum, loss.loss_weight) == (0.05, 12, 0.6, 2.0)
     assert set(dict(loss.named_buffers())) == {"edges", "acc_sum"}

@@ -25,7 +25,8 @@ if [[ ! -f "$venv/.ghmd-complete" ]]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
     -r "$requirements" >&2
   # --no-deps skips the resolver's checks: prove the pieces import together before trusting it.
-  "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_health, numpy, pytest, torch' >&2
+  "$venv/bin/python" -W ignore -c \
+    'import grpc, grpc_tools, grpc_health, numpy, pytest, torch, mmcv, mmdet, mmengine.runner' >&2
   touch "$venv/.ghmd-complete"
 fi
 echo "$venv"

@@ -90,3 +90,15 @@ def run(rank: int, world_size: int, init_file: str, address: str, job_id: str, m
     )
     dist.barrier()
     dist.destroy_process_group()
+
+
+def identity(rank: int, world_size: int, init_file: str, out: str):
+    """test_runs.py: the run identity every rank of one run computes (twice: it is drawn once)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    from ghmd.torch import run_identity
+
+    first, again = run_identity(), run_identity()
+    torch.save({"first": first, "again": again}, f"{out}/identity{rank}.pt")
+    dist.destroy_process_group()

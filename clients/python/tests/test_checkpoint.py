@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Server
+from ghmd import ghm_pb2
 from ghmd.torch import GHMC, GHMR
 from mmdet_port import PortGHMC
 from test_torch_losses import batches_c, batches_r
@@ -110,3 +112,104 @@ def test_a_deep_copy_reconnects(address, job_id):
     assert ours._connection().get_job(job_id).state.steps == 2
     ours.close()
     twin.close()
+
+
+# -- the mirrored state (issue 13): checkpoints without round trips -----------------------------
+
+COUNTERS_IN_RESPONSES = "steps" in ghm_pb2.HarmonizeResponse.DESCRIPTOR.fields_by_name
+
+
+def count_get_job(module):
+    calls = []
+    client = module._connection()
+    original = client.get_job
+
+    def spy(job_id):
+        calls.append(job_id)
+        return original(job_id)
+
+    client.get_job = spy
+    return calls
+
+
+def test_state_dict_after_a_restore_needs_no_server(tmp_path, job_id):
+    """A resumed run knows its job's whole state from RestoreJob's answer: saving it again needs
+    no RPC, so it works with the server stopped."""
+    server = Server(tmp_path / "ghmd.log")
+    try:
+        server.wait_serving()
+        first = GHMC(bins=30, momentum=0.75, job_id=job_id, address=server.address)
+        losses(first, list(batches_c(seed=13, steps=3)))
+        saved = first.state_dict()
+        first.close()
+        resumed = GHMC(bins=30, momentum=0.75, job_id=job_id, address=server.address)
+        resumed.load_state_dict(saved)
+    finally:
+        assert server.stop() == 0
+    again = resumed.state_dict()  # the server is gone: any RPC would fail with UNAVAILABLE
+    assert again.keys() == saved.keys()
+    for key in saved:
+        assert torch.equal(again[key], saved[key]), key
+    resumed.close()
+
+
+def test_state_dict_asks_the_server_only_what_it_cannot_know(address, job_id):
+    module = GHMC(bins=10, momentum=0.75, job_id=job_id, address=address)
+    calls = count_get_job(module)
+    module.state_dict()  # no step seen: the job's state is on the server only
+    assert len(calls) == 1
+    module.load_state_dict(module.state_dict())
+    calls.clear()
+    module.state_dict()
+    assert calls == [], "after a restore the mirror is complete"
+    module(*next(batches_c(seed=14, steps=1)))
+    state = module.state_dict()
+    # With the counters in HarmonizeResponse a step completes the mirror; before, GetJob tells.
+    assert len(calls) == (0 if module.last_result.counters is not None else 1)
+    assert int(state["steps"]) == 1 and torch.equal(state["acc_sum"], module.acc_sum)
+    module.close()
+
+
+@pytest.mark.skipif(not COUNTERS_IN_RESPONSES,
+                    reason="waits for the server: HarmonizeResponse carrying steps, elements, "
+                           "next_step (the failover issue)")
+def test_state_dict_after_steps_needs_no_server(tmp_path, job_id):
+    server = Server(tmp_path / "ghmd.log")
+    batches = list(batches_c(seed=15, steps=3))
+    try:
+        server.wait_serving()
+        module = GHMC(bins=30, momentum=0.75, job_id=job_id, address=server.address)
+        losses(module, batches)
+        job = module._connection().get_job(job_id)
+    finally:
+        assert server.stop() == 0
+    state = module.state_dict()
+    assert int(state["steps"]) == job.state.steps == 3
+    assert int(state["elements"]) == job.state.elements
+    assert torch.equal(state["acc_sum"], torch.tensor(list(job.state.acc_sum)))
+    module.close()
+
+
+def test_an_ema_copy_reports_the_jobs_live_density(address, job_id):
+    """mmengine's EMAHook(update_buffers=True) keeps an averaged deep copy of the model and
+    averages every floating state_dict entry in place. The loss's density is not a weight: the
+    copy (which never steps) reports the job's live density, as the original does, and the
+    averaging touches neither the original's buffer nor the job."""
+    from mmengine.model import ExponentialMovingAverage
+
+    batches = list(batches_c(seed=16, steps=4))
+    reference = PortGHMC(bins=30, momentum=0.75)
+    model = nn.Sequential(nn.Identity())
+    model.loss_cls = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address)
+    ema = ExponentialMovingAverage(model, momentum=0.5, update_buffers=True)
+    for batch in batches:
+        assert_replayed(losses(reference, [batch]), losses(model.loss_cls, [batch]))
+        ema.update_parameters(model)
+    copy_state = ema.module.loss_cls.state_dict()
+    assert torch.equal(copy_state["acc_sum"], reference.acc_sum)
+    assert torch.equal(model.loss_cls.acc_sum, reference.acc_sum)
+    assert int(copy_state["steps"]) == len(batches) == int(copy_state["next_step"])
+    job = model.loss_cls._connection().get_job(job_id)
+    assert torch.equal(torch.tensor(list(job.state.acc_sum)), reference.acc_sum)
+    model.loss_cls.close()
+    ema.module.loss_cls.close()

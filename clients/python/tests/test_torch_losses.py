@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ghmd import GhmdError
-from ghmd.torch import GHMC, GHMR, bin_edges, bin_indices, expand_onehot_labels
+from ghmd.torch import GHMC, GHMR, bin_edges, expand_onehot_labels
 from mmdet_port import PortGHMC, PortGHMR, onehot
 
 MODES = ["histogram", "raw"]
@@ -134,35 +134,6 @@ def test_histogram_mode_sends_only_the_histogram(address, job_id):
     ours.close()
 
 
-def test_binning_matches_comparisons_with_the_edges():
-    """bin_indices against mmdetection's own comparisons, on values one ulp around every edge."""
-    for loss in ("ghm_c", "ghm_r"):
-        for bins in (1, 3, 10, 30, 4096):
-            edges = bin_edges(loss, bins)
-            near = torch.cat([edges, torch.nextafter(edges, edges + 1),
-                              torch.nextafter(edges, edges - 1)])
-            g = near[(near >= 0) & (near < edges[-1])]
-            index = bin_indices(g, edges)
-            for i in range(bins):
-                inside = (g >= edges[i]) & (g < edges[i + 1])
-                assert torch.equal(inside, index == i), (loss, bins, i)
-            outside = torch.tensor([-1e-30, float(edges[-1]), 2e3, float("nan")])
-            assert set(bin_indices(outside, edges).tolist()) <= {-1, bins}
-
-
-def test_binning_equals_a_binary_search_of_the_edges():
-    generator = torch.Generator().manual_seed(9)
-    g = torch.cat([torch.rand(200_000, generator=generator),
-                   torch.rand(1000, generator=generator) * 3 - 1,
-                   torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan")])])
-    for loss in ("ghm_c", "ghm_r"):
-        for bins in (1, 2, 10, 30, 97, 4096):
-            edges = bin_edges(loss, bins)
-            searched = torch.bucketize(g, edges, right=True) - 1
-            searched[searched > bins] = bins  # NaN: past the last edge
-            assert torch.equal(bin_indices(g, edges), searched), (loss, bins)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_a_non_finite_prediction_is_refused_before_it_reaches_the_job(address, job_id, mode):
     ours = GHMR(bins=10, momentum=0.7, job_id=job_id, address=address, mode=mode)
@@ -187,6 +158,11 @@ def test_constructor_matches_mmdetection(address, job_id):
         GHMC(30, 0.75)  # the job id is required, and keyword-only after mmdetection's arguments
     with pytest.raises(ValueError, match="job_id"):
         GHMC(job_id="")
+    with pytest.raises(TypeError, match="bnis=30") as error:
+        GHMC(job_id=job_id, bnis=30)  # a typo is named, not ignored
+    assert "_delete_" not in str(error.value)
+    with pytest.raises(TypeError, match="_delete_=True"):
+        GHMC(job_id=job_id, gamma=2.0, alpha=0.25)  # FocalLoss's keys, merged by mmengine
     loss = GHMR(0.05, 12, 0.6, 2.0, job_id=job_id, address=address)
     assert (loss.mu, loss.bins, loss.momentum, loss.loss_weight) == (0.05, 12, 0.6, 2.0)
     assert set(dict(loss.named_buffers())) == {"edges", "acc_sum"}
@@ -200,3 +176,75 @@ def test_a_job_with_another_spec_is_an_error(address, job_id):
     with pytest.raises(GhmdError) as error:
         clash(*next(batches_c(seed=1, steps=1)))
     assert error.value.code.name == "ALREADY_EXISTS"
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def sparse_bin_batch(dtype, n=100_000, classes=10):
+    """A large batch of easy negatives (g about 0, bin 0) and one element alone in a middle
+    bin: its weight tot / acc_sum / n is far above float16's 65504."""
+    pred = torch.full((n // classes, classes), -20.0)
+    pred[7, 3] = 0.0  # g = 0.5
+    target = torch.zeros_like(pred)
+    return pred.to(dtype), target.to(dtype), torch.ones_like(pred)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_inputs_are_weighed_and_applied_in_float32(address, job_id, dtype, mode):
+    """mmdetection's GHMC builds its weights with zeros_like(pred): in float16 tot / acc_sum
+    overflows to inf for a sparse bin of a large batch. ghmd's losses compute g, the weights and
+    the loss in float32 whatever the input dtype: the same bits as the float32 reference on the
+    upcast inputs, and a gradient that is that reference's, cast to the input's dtype."""
+    reference = PortGHMC(bins=30, momentum=0.75)
+    ours = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address, mode=mode)
+    for step in range(2):
+        pred, target, label_weight = sparse_bin_batch(dtype)
+        pred_ours = pred.clone().requires_grad_()
+        pred_ref = pred.float().requires_grad_()
+        loss = ours(pred_ours, target, label_weight)
+        expected = reference(pred_ref, target.float(), label_weight)
+        assert ours.last_result.bin_weights.max() > 65504, "the case must overflow float16"
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert_same(expected, loss, f"{dtype} loss at step {step}")
+        loss.backward()
+        expected.backward()
+        assert pred_ours.grad.dtype == dtype and torch.isfinite(pred_ours.grad).all()
+        assert_same(pred_ref.grad.to(dtype), pred_ours.grad, f"{dtype} gradient at step {step}")
+    ours.close()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_regression_inputs(address, job_id, dtype):
+    reference = PortGHMR(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0)
+    ours = GHMR(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, job_id=job_id, address=address)
+    for pred, target, label_weight in batches_r(seed=4, steps=3, n=20_000):
+        pred, target = pred.to(dtype), target.to(dtype)
+        loss = ours(pred, target, label_weight)
+        expected = reference(pred.float(), target.float(), label_weight)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert_same(expected, loss, f"{dtype} GHM-R loss")
+    ours.close()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_under_autocast_the_loss_is_float32(address, job_id, device):
+    """A head under autocast gives bfloat16 (CPU) or float16 (CUDA) logits; the loss, still
+    inside autocast, is the float32 reference's on those logits upcast."""
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 10).to(device)
+    features = torch.randn(20_000, 16, device=device) * 4
+    reference = PortGHMC(bins=30, momentum=0.75).to(device)
+    ours = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address).to(device)
+    target = (torch.rand(20_000, 10, device=device) < 0.02).float()
+    label_weight = torch.ones_like(target)
+    with torch.autocast(device_type=device, dtype=dtype):
+        logits = head(features)
+        assert logits.dtype == dtype
+        loss = ours(logits, target, label_weight)
+    expected = reference(logits.detach().float(), target, label_weight)
+    assert loss.dtype == torch.float32
+    assert_same(expected, loss.detach(), f"autocast {device}")
+    ours.close()

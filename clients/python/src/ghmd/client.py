@@ -11,6 +11,7 @@ import datetime
 import queue
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, TypeVar, Union
@@ -100,6 +101,9 @@ class Harmonized:
     acc_sum: np.ndarray
     #: Partial steps only: the ranks the step was applied without.
     missing_ranks: Tuple[int, ...]
+    #: The job's counters after the step (JobState's steps, elements, next_step), or None from
+    #: a server whose responses do not carry them: then only GetJob tells.
+    counters: Optional[Tuple[int, int, int]] = None
 
     @classmethod
     def from_proto(cls, response: ghm_pb2.HarmonizeResponse) -> "Harmonized":
@@ -112,7 +116,27 @@ class Harmonized:
             nonempty_bins=response.nonempty_bins,
             acc_sum=np.array(response.acc_sum, dtype=np.float32),
             missing_ranks=tuple(response.missing_ranks),
+            counters=_counters(response),
         )
+
+
+_COUNTERS = ("steps", "elements", "next_step")
+# The run identity a CreateJob will carry once the server tells runs apart (issue 13, point 1).
+_RUN_FIELD = "run_id"
+
+
+def carries_run_identity() -> bool:
+    """Whether this client's contract can send a run identity with CreateJob."""
+    return _RUN_FIELD in ghm_pb2.CreateJobRequest.DESCRIPTOR.fields_by_name
+
+
+def _counters(response: ghm_pb2.HarmonizeResponse) -> Optional[Tuple[int, int, int]]:
+    # Read by name so that this client works with the contract before and after the counters
+    # joined HarmonizeResponse (a proto3 0 cannot be told from an absent field otherwise).
+    fields = response.DESCRIPTOR.fields_by_name
+    if not all(name in fields for name in _COUNTERS):
+        return None
+    return tuple(int(getattr(response, name)) for name in _COUNTERS)
 
 
 def _duration(value: Optional[Seconds], field: str):
@@ -185,7 +209,58 @@ def _request(
     return request
 
 
-class Client:
+class _Steps:
+    """The three Harmonize requests, written once for the unary client and the stream session.
+
+    Each builds its request here and hands it to ``_send``, the one thing that differs: a unary
+    call with retries, or a message on the session's open stream.
+    """
+
+    def _send(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
+        raise NotImplementedError
+
+    def harmonize(
+        self,
+        job_id: str,
+        gradient_norms: Any,
+        label_weights: Any = None,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """Weighs one batch of gradient norms g (any array-like, flattened; sent as float32)."""
+        return self._send(
+            _request(job_id, step, rank, gradient_norms=gradient_norms, label_weights=label_weights)
+        )
+
+    def harmonize_residuals(
+        self,
+        job_id: str,
+        residuals: Any,
+        label_weights: Any = None,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """GHM-R only: weighs residuals d = pred - target; the server derives g from them."""
+        return self._send(
+            _request(job_id, step, rank, residuals=residuals, label_weights=label_weights)
+        )
+
+    def harmonize_histogram(
+        self,
+        job_id: str,
+        counts: Any,
+        tot: float,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """Weighs a batch the caller binned itself: M counts of valid elements and the raw tot.
+
+        The answer has no per-element weights: apply ``bin_weights`` to the elements locally.
+        """
+        return self._send(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
+
+
+class Client(_Steps):
     """A connection to one ghmd server. Thread-safe; one per process is enough.
 
     ``token`` is sent as ``authorization: Bearer <token>`` on every call. ``tls`` is None
@@ -240,6 +315,9 @@ class Client:
                 credentials = tls
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = ghm_pb2_grpc.HarmonizerStub(self._channel)
+        # Closed when the client is collected or, at the latest, at interpreter exit: a channel
+        # with calls still open (a stream to a server that was killed) must not hold the exit.
+        self._closer = weakref.finalize(self, self._channel.close)
         self._metadata: Tuple[Tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -247,7 +325,7 @@ class Client:
     # -- plumbing ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._channel.close()
+        self._closer()
 
     def __enter__(self) -> "Client":
         return self
@@ -312,8 +390,14 @@ class Client:
         world_size: int = 0,
         step_timeout: Optional[Seconds] = None,
         allow_partial_steps: bool = False,
+        run_id: Optional[str] = None,
     ) -> ghm_pb2.Job:
-        """Creates a job, or returns the existing one if it has the same spec (idempotent)."""
+        """Creates a job, or returns the existing one if it has the same spec (idempotent).
+
+        ``run_id`` names the training run that uses the job (one per run, the same on every
+        rank: see ``ghmd.torch.run_identity``), for a server that tells runs apart; a contract
+        without that field refuses it rather than dropping it.
+        """
         spec = ghm_pb2.JobSpec(
             loss=_loss(loss),
             bins=bins,
@@ -325,7 +409,15 @@ class Client:
         duration = _duration(step_timeout, "step_timeout")
         if duration is not None:
             spec.step_timeout.CopyFrom(duration)
-        return self._unary("CreateJob", ghm_pb2.CreateJobRequest(job_id=job_id, spec=spec))
+        request = ghm_pb2.CreateJobRequest(job_id=job_id, spec=spec)
+        if run_id is not None:
+            if not carries_run_identity():
+                raise ValueError(
+                    f"run_id = {run_id!r}: this client's contract (ghm.v1 CreateJobRequest) has "
+                    f"no {_RUN_FIELD!r} field yet"
+                )
+            setattr(request, _RUN_FIELD, run_id)
+        return self._unary("CreateJob", request)
 
     def get_job(self, job_id: str) -> ghm_pb2.Job:
         return self._unary("GetJob", ghm_pb2.GetJobRequest(job_id=job_id))
@@ -373,49 +465,9 @@ class Client:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _harmonize(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
+    def _send(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
         response = self._unary("Harmonize", request, timeout=self.harmonize_timeout)
         return Harmonized.from_proto(response)
-
-    def harmonize(
-        self,
-        job_id: str,
-        gradient_norms: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        """Weighs one batch of gradient norms g (any array-like, flattened; sent as float32)."""
-        return self._harmonize(
-            _request(job_id, step, rank, gradient_norms=gradient_norms, label_weights=label_weights)
-        )
-
-    def harmonize_residuals(
-        self,
-        job_id: str,
-        residuals: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        """GHM-R only: weighs residuals d = pred - target; the server derives g from them."""
-        return self._harmonize(
-            _request(job_id, step, rank, residuals=residuals, label_weights=label_weights)
-        )
-
-    def harmonize_histogram(
-        self,
-        job_id: str,
-        counts: Any,
-        tot: float,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        """Weighs a batch the caller binned itself: M counts of valid elements and the raw tot.
-
-        The answer has no per-element weights: apply ``bin_weights`` to the elements locally.
-        """
-        return self._harmonize(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
 
     def stream(self) -> "HarmonizeSession":
         """A session that keeps one HarmonizeStream open, for a training loop."""
@@ -425,7 +477,12 @@ class Client:
 _CLOSE = object()
 
 
-class HarmonizeSession:
+def _end_stream(requests: queue.SimpleQueue, responses: Any) -> None:
+    requests.put(_CLOSE)
+    responses.cancel()
+
+
+class HarmonizeSession(_Steps):
     """One HarmonizeStream kept open across many steps: one request, then its response.
 
     A step costs one message each way on an open HTTP/2 stream instead of a new call. Not
@@ -440,6 +497,7 @@ class HarmonizeSession:
         self._client = client
         self._requests: Optional[queue.SimpleQueue] = None
         self._responses: Any = None
+        self._closer: Optional[weakref.finalize] = None
 
     def _open(self) -> None:
         requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -455,15 +513,19 @@ class HarmonizeSession:
         self._responses = self._client._stub.HarmonizeStream(
             outgoing(), metadata=self._client._metadata
         )
+        # An open stream is ended when the session is collected or at interpreter exit, whichever
+        # comes first: left to grpc's own __del__ at exit, a stream to a killed server once hung
+        # the process. The callback holds the stream, not the session, so that it can be freed.
+        self._closer = weakref.finalize(self, _end_stream, requests, self._responses)
 
     def _drop(self) -> None:
-        if self._requests is not None:
-            self._requests.put(_CLOSE)
-            self._responses.cancel()
+        if self._closer is not None:
+            self._closer()
+        self._closer = None
         self._requests = None
         self._responses = None
 
-    def _exchange(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
+    def _send(self, request: ghm_pb2.HarmonizeRequest) -> Harmonized:
         def once() -> ghm_pb2.HarmonizeResponse:
             if self._requests is None:
                 self._open()
@@ -480,40 +542,6 @@ class HarmonizeSession:
                 ) from None
 
         return Harmonized.from_proto(self._client._with_retries("HarmonizeStream", once))
-
-    def harmonize(
-        self,
-        job_id: str,
-        gradient_norms: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        return self._exchange(
-            _request(job_id, step, rank, gradient_norms=gradient_norms, label_weights=label_weights)
-        )
-
-    def harmonize_residuals(
-        self,
-        job_id: str,
-        residuals: Any,
-        label_weights: Any = None,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        return self._exchange(
-            _request(job_id, step, rank, residuals=residuals, label_weights=label_weights)
-        )
-
-    def harmonize_histogram(
-        self,
-        job_id: str,
-        counts: Any,
-        tot: float,
-        step: Optional[int] = None,
-        rank: int = 0,
-    ) -> Harmonized:
-        return self._exchange(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
 
     def close(self) -> None:
         self._drop()

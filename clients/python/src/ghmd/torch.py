@@ -19,6 +19,7 @@ gradient is that of ``sum(w * L) / tot_global`` over the global batch.
 from __future__ import annotations
 
 import datetime
+import uuid
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -26,9 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .client import Client, Harmonized, TLSConfig
+from .binning import bin_edges, bin_indices, bin_slots, slot_count, upper_edges
+from .client import Client, Harmonized, TLSConfig, carries_run_identity
 
-__all__ = ["GHMC", "GHMR", "bin_edges", "bin_indices", "expand_onehot_labels", "register_mmdet"]
+__all__ = [
+    "GHMC",
+    "GHMR",
+    "bin_edges",
+    "bin_indices",
+    "expand_onehot_labels",
+    "register_mmdet",
+    "run_identity",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _MODES = ("histogram", "raw")
@@ -36,6 +46,30 @@ _MODES = ("histogram", "raw")
 _EPS = torch.finfo(torch.float32).eps
 # The job state a checkpoint carries beside mmdetection's own buffers (edges, acc_sum).
 _STATE_KEYS = ("steps", "elements", "next_step")
+
+
+_RUN: Optional[str] = None
+
+
+def run_identity() -> str:
+    """This training run's identity: drawn once per process at random by rank 0 and shared over
+    the default process group (a collective: every rank must call it, as every rank calls the
+    loss), so that all ranks of a run name the same run and two runs never do.
+
+    The losses send it with CreateJob when the contract carries one (``Client.create_job``'s
+    ``run_id``), so that a server that tells runs apart can start a fresh run from an empty
+    density and refuse a second live run on the same job; a plain Client can do the same.
+    """
+    global _RUN
+    if _RUN is None:
+        drawn = uuid.uuid4().hex
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [drawn if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            drawn = shared[0]
+        _RUN = drawn
+    return _RUN
 
 
 def expand_onehot_labels(
@@ -53,37 +87,63 @@ def expand_onehot_labels(
     return targets, weights
 
 
-def bin_edges(loss: str, bins: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
-    """The M+1 float32 bin edges, exactly as the server and mmdetection compute them.
+# What mmengine merges into a loss dict from a base config's loss_cls of another type: the keys of
+# mmdetection's FocalLoss (RetinaNet), CrossEntropyLoss and SmoothL1Loss that GHM does not take.
+_FOREIGN_KEYS = {"gamma", "alpha", "activated", "use_mask", "class_weight", "avg_non_ignore",
+                 "ignore_index", "beta", "eps", "pos_weight"}
 
-    e_i = float32(i) / float32(M); GHM-C then adds 1e-6 to the last edge (so g = 1 falls in the
-    last bin), GHM-R sets it to 1000.
+
+def _unknown_arguments_message(name: str, unknown: Dict[str, Any]) -> str:
+    listed = ", ".join(f"{key}={value!r}" for key, value in sorted(unknown.items()))
+    message = f"{name} got arguments it does not take: {listed}."
+    if _FOREIGN_KEYS.intersection(unknown):
+        message += (
+            " They look like another loss's (FocalLoss has gamma and alpha): mmengine merges a"
+            " base config's loss dict into the one that replaces it, so write"
+            f" dict(_delete_=True, type='Remote{name}', ...) to replace it instead."
+        )
+    return message
+
+
+class _JobMirror:
+    """What a loss module knows of its job's state without asking the server.
+
+    ``acc_sum`` and ``counters`` (steps, elements, next_step) come together from one answer: a
+    step whose response carries the counters, RestoreJob's Job, GetJob's Job. ``complete`` says
+    the counters are those of the density beside them; after a step whose response lacks them
+    (a server before they joined the contract) only GetJob can tell. ``next_call`` numbers the
+    module's own calls. A module and its deep copies share one mirror (mmengine's EMAHook copies
+    the model every iteration and never steps the copy): the copy reports the job's live state,
+    as the original does. A pickled copy starts blank and asks the server.
     """
-    edges = torch.arange(bins + 1, dtype=torch.float32, device=device) / bins
-    if loss == "ghm_c":
-        edges[-1] += 1e-6
-    else:
-        edges[-1] = 1000.0
-    return edges
 
+    def __init__(self) -> None:
+        self.acc_sum = np.zeros(0, dtype=np.float32)
+        self.counters: Optional[Tuple[int, int, int]] = None
+        self.next_call: Optional[int] = None
 
-def bin_indices(g: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """The bin of each g: i with e_i <= g < e_{i+1}, decided by comparisons with the edges.
+    def __deepcopy__(self, memo: Any) -> "_JobMirror":
+        return self
 
-    ``floor(g * M)`` alone misplaces values one ulp from an edge, but it is never off by more
-    than one bin (its float32 rounding error is below 1 for any M <= 4096), so it serves as a
-    first guess that one comparison with each neighbouring edge corrects: the same answer as a
-    binary search of the edges (``torch.bucketize(g, edges, right=True) - 1``), several times
-    faster. Values below the first edge give -1; values at or past the last edge, and NaN, M.
-    """
-    g = g.float()
-    bins = edges.numel() - 1
-    guess = torch.nan_to_num(g * bins, nan=0.0).floor_().clamp_(0, bins - 1).long()
-    guess -= (g < edges.take(guess)).long()
-    guess += (g >= edges.take(guess + 1)).long()
-    inside = (g >= edges[0]) & (g < edges[bins])
-    outside = torch.where(g < edges[0], -1, bins)
-    return torch.where(inside, guess, outside)
+    def __reduce__(self) -> Any:
+        return (_JobMirror, ())
+
+    @property
+    def complete(self) -> bool:
+        return self.counters is not None
+
+    def saw_state(self, state: Any) -> None:
+        """A JobState, or the mapping a checkpoint restores."""
+        if isinstance(state, dict):
+            self.acc_sum = np.asarray(state["acc_sum"], dtype=np.float32)
+            self.counters = tuple(int(state[name]) for name in _STATE_KEYS)
+        else:
+            self.acc_sum = np.array(state.acc_sum, dtype=np.float32)
+            self.counters = (state.steps, state.elements, state.next_step)
+
+    def saw_step(self, result: Harmonized) -> None:
+        self.acc_sum = result.acc_sum
+        self.counters = result.counters
 
 
 class _RemoteGHM(nn.Module):
@@ -100,19 +160,22 @@ class _RemoteGHM(nn.Module):
         loss_weight: float,
         reduction: str,
         job_id: str,
-        address: Optional[str],
-        client: Optional[Client],
-        token: Optional[str],
-        tls: Union[None, bool, TLSConfig],
-        mode: str,
-        stream: bool,
-        world_size: Optional[int],
-        rank: Optional[int],
-        step_timeout: Union[float, datetime.timedelta, None],
-        allow_partial_steps: bool,
+        address: Optional[str] = None,
+        client: Optional[Client] = None,
+        token: Optional[str] = None,
+        tls: Union[None, bool, TLSConfig] = None,
+        mode: str = "histogram",
+        stream: bool = True,
+        world_size: Optional[int] = None,
+        rank: Optional[int] = None,
+        step_timeout: Union[float, datetime.timedelta, None] = None,
+        allow_partial_steps: bool = False,
+        **unknown: Any,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if unknown:
+            raise TypeError(_unknown_arguments_message(name, unknown))
         if not job_id:
             raise ValueError(f"{name}: job_id is required: the ghmd job this loss weighs with")
         if mode not in _MODES:
@@ -145,7 +208,7 @@ class _RemoteGHM(nn.Module):
         self._client = client
         self._session: Any = None
         self._job: Any = None
-        self._step: Optional[int] = None
+        self._mirror = _JobMirror()
         self._pending_restore: Optional[Dict[str, Any]] = None
 
     def extra_repr(self) -> str:
@@ -192,7 +255,10 @@ class _RemoteGHM(nn.Module):
             self._session = self._connection().stream()
         return self._session
 
-    def _ensure_job(self) -> Any:
+    def _run_id(self) -> Optional[str]:
+        return run_identity() if self._job is None and carries_run_identity() else None
+
+    def _ensure_job(self, run_id: Optional[str] = None) -> Any:
         if self._job is None:
             world_size, _ = self._world()
             self._job = self._connection().create_job(
@@ -204,11 +270,14 @@ class _RemoteGHM(nn.Module):
                 world_size=world_size if world_size > 1 else 0,
                 step_timeout=self.step_timeout,
                 allow_partial_steps=self.allow_partial_steps,
+                run_id=run_id,
             )
         return self._job
 
     def _next_step(self) -> int:
-        job = self._ensure_job()
+        # Every rank gets here at the same call, where run_identity's collective is safe; a
+        # state_dict on rank 0 alone (CheckpointHook) may create the job too, without it.
+        job = self._ensure_job(self._run_id())
         if self._pending_restore is not None:
             # Every rank loaded the same checkpoint; one restore, then a barrier so that no rank
             # sends its step before the job is back (a restore aborts pending steps).
@@ -216,57 +285,70 @@ class _RemoteGHM(nn.Module):
             if self._world()[1] == 0:
                 self._connection().restore_job(self.job_id, state)
             torch.distributed.barrier()
-        if self._step is None:
-            state = job.state
-            self._step = state.next_step if job.spec.world_size > 1 else state.steps
-        return self._step
+        if self._mirror.next_call is None:
+            self._mirror.next_call = self._first_call(job.state.steps, job.state.next_step)
+        return self._mirror.next_call
 
-    def _weigh(
-        self, g: torch.Tensor, valid: torch.Tensor, label_weight: torch.Tensor
-    ) -> Tuple[torch.Tensor, float]:
-        """The GHM weight of every element of g, and the step's tot (global, clamped to 1)."""
+    def _first_call(self, steps: int, next_step: int) -> int:
+        # A step-synchronous job numbers its steps; an asynchronous one does not (next_step 0),
+        # and this module numbers its calls from the steps applied so far.
+        return next_step if self._ensure_job().spec.world_size > 1 else steps
+
+    def _weigh(self, g: torch.Tensor, label_weight: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """The GHM weight of every element of g (float32, >= 0), and the step's tot (global,
+        clamped to 1); the elements with ``label_weight`` <= 0 weigh 0."""
         bins = self.bins
-        edges = self.edges.to(g.device)
-        index = bin_indices(g, edges)
-        in_range = (index >= 0) & (index < bins)
-        # One bincount on the device: bins 0..M-1, then the invalid elements, then the valid ones
-        # outside every bin (a NaN or infinite pred), which the server would reject.
-        slots = torch.where(valid, torch.where(in_range, index, bins + 1), bins)
-        tally = torch.bincount(slots.reshape(-1), minlength=bins + 2).double()
-        if self._loss == "ghm_r":
-            tally = torch.cat([tally, label_weight.float().sum().double().reshape(1)])
-        summary = tally.tolist()  # the one device-to-host transfer of the step
-        if summary[bins + 1]:
-            bad = torch.nonzero((valid & ~in_range).reshape(-1))[0].item()
-            raise ValueError(
-                f"{type(self).__name__}: element {bad} (flattened) is valid but its gradient "
-                f"norm {g.reshape(-1)[bad].item()} lies in no bin [0, {edges[-1].item()}): "
-                "pred or target is not finite"
-            )
+        upper = upper_edges(self.edges.to(g.device))
+        slots = bin_slots(g, upper, label_weight <= 0)
+        tally = torch.bincount(slots, minlength=slot_count(bins))
+        # The sum is NaN exactly when some g is, wherever bin_slots put it; GHM-R's tot is the
+        # label weights' float32 sum, as in mmdetection.
+        sums = [g.sum()] + ([label_weight.sum()] if self._loss == "ghm_r" else [])
+        summary = torch.cat([tally.double(), torch.stack(sums).double()]).tolist()
+        if summary[bins] or summary[-len(sums)] != summary[-len(sums)]:
+            self._refuse_unbinnable(g, label_weight, upper[-1])  # the one device-to-host copy
         counts = np.array(summary[:bins], dtype=np.int64)
-        tot = float(counts.sum()) if self._loss == "ghm_c" else summary[bins + 2]
+        tot = float(counts.sum()) if self._loss == "ghm_c" else summary[-1]
 
         step = self._next_step()
         _, rank = self._world()
         transport = self._transport()
         if self.mode == "histogram":
             result = transport.harmonize_histogram(self.job_id, counts, tot, step=step, rank=rank)
-            table = torch.from_numpy(result.bin_weights).to(g.device)
-            weights = torch.where(valid, table.take(index.clamp(0, bins - 1)), table.new_zeros(()))
+            # Slots past the bins (valid but unbinnable: refused above; invalid) weigh 0.
+            table = torch.zeros(slot_count(bins), dtype=torch.float32)
+            table[:bins] = torch.from_numpy(result.bin_weights)
+            weights = table.to(g.device).index_select(0, slots).reshape(g.shape)
         else:
             # An ignored element weighs 0 whatever its g, as in the reference; the server
             # rejects any non-finite norm, so an ignored one is sent as 0.
-            norms = torch.where(valid, g.detach().float(), 0.0).reshape(-1).cpu().numpy()
-            label_weights = label_weight.float().reshape(-1).cpu().numpy()
+            valid = label_weight > 0
+            norms = torch.where(valid, g, 0.0).reshape(-1).cpu().numpy()
+            label_weights = label_weight.reshape(-1).cpu().numpy()
             result = transport.harmonize(
                 self.job_id, norms, label_weights=label_weights, step=step, rank=rank
             )
             weights = torch.from_numpy(result.weights).to(g.device).reshape(g.shape)
-        self._step = step + 1
+        self._mirror.next_call = step + 1
+        self._mirror.saw_step(result)
         self.last_result = result
         if self.momentum > 0 and result.acc_sum.size:
             self.acc_sum.copy_(torch.from_numpy(result.acc_sum))
         return weights, result.tot
+
+    def _refuse_unbinnable(
+        self, g: torch.Tensor, label_weight: torch.Tensor, last_edge: torch.Tensor
+    ) -> None:
+        """Raises for the first valid element whose g lies in no bin (NaN or past the last
+        edge), which the server would reject; NaNs in ignored elements pass, as in mmdetection."""
+        unbinnable = (label_weight > 0) & ~((g >= 0) & (g < last_edge))
+        if unbinnable.any():
+            bad = torch.nonzero(unbinnable.reshape(-1))[0].item()
+            raise ValueError(
+                f"{type(self).__name__}: element {bad} (flattened) is valid but its gradient "
+                f"norm {g.reshape(-1)[bad].item()} lies in no bin [0, {last_edge.item()}): "
+                "pred or target is not finite"
+            )
 
     def _reduction(self, reduction_override: Optional[str]) -> str:
         if reduction_override not in (None,) + _REDUCTIONS:
@@ -279,7 +361,9 @@ class _RemoteGHM(nn.Module):
     def _reduce(
         self, loss: torch.Tensor, weights: torch.Tensor, reduction: str, tot: float
     ) -> torch.Tensor:
-        loss = loss * weights
+        # In place: the element losses are this module's own tensor, and neither BCE's nor
+        # GHM-R's backward reads it.
+        loss = loss.mul_(weights)
         if reduction == "mean":
             loss = loss.sum() / (tot + _EPS)
             world_size, _ = self._world()
@@ -296,19 +380,24 @@ class _RemoteGHM(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        """mmdetection's buffers plus the job's counters, from the mirror: no RPC once the
+        module has seen its job's full state (a restore, or a step whose answer carries the
+        counters), GetJob otherwise. The density saved is the job's, also for an EMA copy."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._ensure_job()
-        state = self._connection().get_job(self.job_id).state
+        mirror = self._mirror
+        if not mirror.complete:
+            self._ensure_job()
+            mirror.saw_state(self._connection().get_job(self.job_id).state)
+        steps, elements, job_next_step = mirror.counters
         if self.momentum > 0:
-            destination[prefix + "acc_sum"] = torch.tensor(
-                np.array(state.acc_sum, dtype=np.float32), device=self.edges.device
-            )
-        next_step = self._step
-        if next_step is None:
-            next_step = state.next_step if self._job.spec.world_size > 1 else state.steps
-        destination[prefix + "steps"] = torch.tensor(state.steps, dtype=torch.int64)
-        destination[prefix + "elements"] = torch.tensor(state.elements, dtype=torch.int64)
-        destination[prefix + "next_step"] = torch.tensor(next_step, dtype=torch.int64)
+            # A copy: averaging hooks (EMAHook) write into the tensors state_dict returns.
+            destination[prefix + "acc_sum"] = torch.tensor(mirror.acc_sum, device=self.edges.device)
+        next_call = mirror.next_call
+        if next_call is None:
+            next_call = self._first_call(steps, job_next_step)
+        destination[prefix + "steps"] = torch.tensor(steps, dtype=torch.int64)
+        destination[prefix + "elements"] = torch.tensor(elements, dtype=torch.int64)
+        destination[prefix + "next_step"] = torch.tensor(next_call, dtype=torch.int64)
 
     def _load_from_state_dict(
         self,
@@ -343,17 +432,19 @@ class _RemoteGHM(nn.Module):
             "elements": counter("elements"),
             "next_step": counter("next_step"),
         }
-        self._step = state["next_step"]
+        self._mirror.next_call = state["next_step"]
         world_size, _ = self._world()
         if world_size > 1:
             self._pending_restore = state
+            self._mirror.saw_state(state)  # what rank 0 restores before the first step
         else:
             # An asynchronous job has no next step of its own; the counter above only numbers
-            # (and echoes) this module's calls.
-            job = self._ensure_job()
+            # (and echoes) this module's calls. Every rank loads the checkpoint: run_identity's
+            # collective is safe here too.
+            job = self._ensure_job(self._run_id())
             if job.spec.world_size <= 1:
                 state["next_step"] = 0
-            self._connection().restore_job(self.job_id, state)
+            self._mirror.saw_state(self._connection().restore_job(self.job_id, state).state)
 
 
 class GHMC(_RemoteGHM):
@@ -370,6 +461,9 @@ class GHMC(_RemoteGHM):
         world_size, rank: override what torch.distributed says (world_size=1: an
             asynchronous job of this process alone).
         step_timeout, allow_partial_steps: the step-synchronous job's settings.
+
+    Any other keyword is refused with a TypeError that names it (and, for FocalLoss's
+    ``gamma``/``alpha``, says to replace the base config's dict with ``_delete_=True``).
     """
 
     _loss = "ghm_c"
@@ -381,18 +475,7 @@ class GHMC(_RemoteGHM):
         use_sigmoid: bool = True,
         loss_weight: float = 1.0,
         reduction: str = "mean",
-        *,
-        job_id: str,
-        address: Optional[str] = None,
-        client: Optional[Client] = None,
-        token: Optional[str] = None,
-        tls: Union[None, bool, TLSConfig] = None,
-        mode: str = "histogram",
-        stream: bool = True,
-        world_size: Optional[int] = None,
-        rank: Optional[int] = None,
-        step_timeout: Union[float, datetime.timedelta, None] = None,
-        allow_partial_steps: bool = False,
+        **options: Any,
     ) -> None:
         if not use_sigmoid:
             raise NotImplementedError("GHMC supports only use_sigmoid=True, as mmdetection's")
@@ -402,17 +485,7 @@ class GHMC(_RemoteGHM):
             mu=0.0,
             loss_weight=loss_weight,
             reduction=reduction,
-            job_id=job_id,
-            address=address,
-            client=client,
-            token=token,
-            tls=tls,
-            mode=mode,
-            stream=stream,
-            world_size=world_size,
-            rank=rank,
-            step_timeout=step_timeout,
-            allow_partial_steps=allow_partial_steps,
+            **options,
         )
         self.use_sigmoid = use_sigmoid
 
@@ -425,15 +498,20 @@ class GHMC(_RemoteGHM):
         **kwargs: Any,
     ) -> torch.Tensor:
         """The GHM-C loss of logits ``pred`` [N, C] against binary ``target`` [N, C] (or
-        integer labels [N], expanded to one-hot), ``label_weight`` > 0 marking valid entries."""
+        integer labels [N], expanded to one-hot), ``label_weight`` > 0 marking valid entries.
+
+        Whatever pred's dtype (float16, bfloat16 under autocast), g, the weights and the loss
+        are float32, so that a weight tot / acc_sum above 65504 cannot overflow."""
         reduction = self._reduction(reduction_override)
         if pred.dim() != target.dim():
             target, label_weight = expand_onehot_labels(target, label_weight, pred.size(-1))
-        target, label_weight = target.float(), label_weight.float()
-        g = torch.abs(pred.sigmoid().detach() - target)
-        weights, tot = self._weigh(g, label_weight > 0, label_weight)
-        loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-        return self._reduce(loss, weights.to(loss.dtype), reduction, tot)
+        with _float32(pred):
+            pred, target, label_weight = pred.float(), target.float(), label_weight.float()
+            # mmdetection's abs(sigmoid(pred) - target), in place: the same bits, one buffer.
+            g = pred.detach().sigmoid().sub_(target).abs_()
+            weights, tot = self._weigh(g, label_weight)
+            loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+            return self._reduce(loss, weights, reduction, tot)
 
 
 class GHMR(_RemoteGHM):
@@ -453,18 +531,7 @@ class GHMR(_RemoteGHM):
         momentum: float = 0,
         loss_weight: float = 1.0,
         reduction: str = "mean",
-        *,
-        job_id: str,
-        address: Optional[str] = None,
-        client: Optional[Client] = None,
-        token: Optional[str] = None,
-        tls: Union[None, bool, TLSConfig] = None,
-        mode: str = "histogram",
-        stream: bool = True,
-        world_size: Optional[int] = None,
-        rank: Optional[int] = None,
-        step_timeout: Union[float, datetime.timedelta, None] = None,
-        allow_partial_steps: bool = False,
+        **options: Any,
     ) -> None:
         super().__init__(
             bins=bins,
@@ -472,17 +539,7 @@ class GHMR(_RemoteGHM):
             mu=mu,
             loss_weight=loss_weight,
             reduction=reduction,
-            job_id=job_id,
-            address=address,
-            client=client,
-            token=token,
-            tls=tls,
-            mode=mode,
-            stream=stream,
-            world_size=world_size,
-            rank=rank,
-            step_timeout=step_timeout,
-            allow_partial_steps=allow_partial_steps,
+            **options,
         )
 
     def forward(
@@ -493,20 +550,28 @@ class GHMR(_RemoteGHM):
         avg_factor: Optional[float] = None,
         reduction_override: Optional[str] = None,
     ) -> torch.Tensor:
-        """The GHM-R loss of box deltas ``pred`` against ``target`` (same shape).
+        """The GHM-R loss of box deltas ``pred`` against ``target`` (same shape), in float32
+        whatever their dtype (see GHMC.forward).
 
         ``avg_factor`` is accepted and ignored, as mmdetection's GHMR does: the loss is always
         averaged by tot.
         """
         reduction = self._reduction(reduction_override)
         mu = self.mu
-        diff = pred - target
-        loss = torch.sqrt(diff * diff + mu * mu) - mu
-        # g is computed as the reference does, so it lands in the same bins; the server's own
-        # derivation from residuals uses a correctly rounded sqrt and may differ by an ulp.
-        g = torch.abs(diff / torch.sqrt(mu * mu + diff * diff)).detach()
-        weights, tot = self._weigh(g, label_weight > 0, label_weight)
-        return self._reduce(loss, weights.to(loss.dtype), reduction, tot)
+        with _float32(pred):
+            diff = pred.float() - target.float()
+            loss = torch.sqrt(diff * diff + mu * mu) - mu
+            # g is computed as the reference does, so it lands in the same bins; the server's own
+            # derivation from residuals uses a correctly rounded sqrt and may differ by an ulp.
+            g = torch.abs(diff / torch.sqrt(mu * mu + diff * diff)).detach()
+            weights, tot = self._weigh(g, label_weight.float())
+            return self._reduce(loss, weights, reduction, tot)
+
+
+def _float32(like: torch.Tensor) -> Any:
+    """Autocast off for the loss's own arithmetic: every tensor in it is made float32 on purpose,
+    and autocast would turn some of it back to float16 or bfloat16."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def register_mmdet(registry: Any = None) -> Any:

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod persist;
 pub mod server;
 pub mod telemetry;
+pub mod transport;
 
 /// The generated code of `proto/ghm/v1/ghm.proto`.
 pub mod proto {

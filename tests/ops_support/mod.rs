@@ -122,7 +122,8 @@ pub struct Ghmd {
     log: Arc<Mutex<Vec<String>>>,
 }
 
-fn command(data_dir: &Path, extra: &[&str]) -> Command {
+/// The command [`Ghmd::start`] runs, for a test that adds to it (limits set in the child).
+pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ghmd"));
     command
         .args([
@@ -156,7 +157,12 @@ fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
 impl Ghmd {
     /// Starts ghmd and waits until both listeners are up.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        let mut child = command(data_dir, extra).spawn().expect("spawn ghmd");
+        Self::spawn(command(data_dir, extra))
+    }
+
+    /// Starts a [`command`] the caller has added to, and waits until both listeners are up.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command.spawn().expect("spawn ghmd");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -206,6 +212,15 @@ impl Ghmd {
             output.status,
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if ghmd has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for ghmd")
     }
 
     pub fn uri(&self) -> String {

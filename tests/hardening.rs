@@ -656,3 +656,108 @@ async fn health_watches_past_their_cap_are_refused_and_closed_ones_give_back_the
         "RSS grew by {growth} bytes over rounds of {CAP} watches: {resident:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finding 4: a revoked token's open stream.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_tokens_open_stream_gets_unauthenticated_at_its_next_message() {
+    let dir = TempDir::new("hardening-revoke");
+    let tokens = dir.path().join("tokens.toml");
+    let team_a =
+        "[[token]]\nname = \"team-a\"\ntoken = \"aaaaaaaaaaaaaaaaaaaaaaaa\"\nprefixes = [\"a/\"]\n";
+    let team_b = "[[token]]\nname = \"team-b\"\ntoken = \"bbbbbbbbbbbbbbbbbbbbbbbb\"\nprefixes = [\"b/\", \"a/\"]\n";
+    std::fs::write(&tokens, format!("{team_a}{team_b}")).expect("tokens");
+    let tokens_arg = tokens.display().to_string();
+    let server = start(
+        &dir.path().join("data"),
+        &["--tokens-file", &tokens_arg],
+        Limits::default(),
+    );
+    let open_stream = |token: &'static str, job: &'static str| {
+        let uri = server.uri();
+        async move {
+            let options = ClientOptions {
+                token: Some(token.to_owned()),
+                ..ClientOptions::default()
+            };
+            let mut client = Client::connect_with(uri, &options).await.expect("connect");
+            client.create_job(job, ghm_c(10)).await.expect("create");
+            let (requests, outbound) = tokio::sync::mpsc::channel(1);
+            let responses = client
+                .raw()
+                .harmonize_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
+                .await
+                .expect("open")
+                .into_inner();
+            (requests, responses)
+        }
+    };
+    let (a_send, mut a_answers) = open_stream("aaaaaaaaaaaaaaaaaaaaaaaa", "a/run").await;
+    let (b_send, mut b_answers) = open_stream("bbbbbbbbbbbbbbbbbbbbbbbb", "b/run").await;
+    for (send, answers, job) in [
+        (&a_send, &mut a_answers, "a/run"),
+        (&b_send, &mut b_answers, "b/run"),
+    ] {
+        send.send(norms_request(job, 0, 0, &[0.5], None))
+            .await
+            .expect("send");
+        assert!(answers.message().await.expect("answer").is_some());
+    }
+
+    // team-a's token is removed; team-b's stays as it was.
+    std::fs::write(&tokens, team_b).expect("rewrite");
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("SIGHUP: tokens file reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    a_send
+        .send(norms_request("a/run", 0, 0, &[0.5], None))
+        .await
+        .expect("send");
+    let status = a_answers
+        .message()
+        .await
+        .expect_err("the revoked token's next message is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("team-a"), "{status:?}");
+    b_send
+        .send(norms_request("b/run", 0, 0, &[0.5], None))
+        .await
+        .expect("send");
+    assert!(
+        b_answers.message().await.expect("team-b goes on").is_some(),
+        "an unchanged token's stream ended"
+    );
+    // The refused message changed nothing; team-b's both messages were applied.
+    let options = ClientOptions {
+        token: Some("bbbbbbbbbbbbbbbbbbbbbbbb".to_owned()),
+        ..ClientOptions::default()
+    };
+    let mut b = Client::connect_with(server.uri(), &options)
+        .await
+        .expect("connect");
+    assert_eq!(
+        b.get_job("b/run")
+            .await
+            .expect("b/run")
+            .state
+            .map(|s| s.steps),
+        Some(2)
+    );
+    assert_eq!(
+        b.get_job("a/run")
+            .await
+            .expect("a/run")
+            .state
+            .map(|s| s.steps),
+        Some(1)
+    );
+}

@@ -1,9 +1,14 @@
 //! The plain-HTTP listener beside gRPC: `/metrics` for Prometheus, `/healthz` (the process
-//! answers) and `/readyz` (state loaded and gRPC serving; not while shutting down), for
-//! whatever cannot speak gRPC health checks.
+//! answers) and `/readyz` (state loaded and gRPC serving; not while shutting down, nor while
+//! snapshots keep failing), for whatever cannot speak gRPC health checks.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
 
 use axum::Router;
 use axum::extract::State;
@@ -15,17 +20,75 @@ use tokio::net::TcpListener;
 use crate::metrics::{Exposition, Format};
 
 /// Whether the server is ready for traffic: set once the state is loaded and gRPC serves,
-/// cleared as soon as a shutdown begins so that load balancers stop sending first.
-#[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// cleared as soon as a shutdown begins so that load balancers stop sending first, and while
+/// the snapshots fail (a server that cannot save what it acknowledges should be moved).
+#[derive(Clone, Debug)]
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Debug)]
+struct ReadinessState {
+    serving: AtomicBool,
+    /// Why the snapshots make the server not ready, if they do.
+    snapshot_failure: Mutex<Option<String>>,
+    /// Whether the server is ready, for the gRPC health service to follow.
+    ready: watch::Sender<bool>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self(Arc::new(ReadinessState {
+            serving: AtomicBool::new(false),
+            snapshot_failure: Mutex::new(None),
+            ready: watch::Sender::new(false),
+        }))
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.0.serving.store(ready, Ordering::SeqCst);
+        self.publish();
+    }
+
+    /// `Some(why)` makes the server not ready until it is called with `None`.
+    pub fn set_snapshot_failure(&self, why: Option<String>) {
+        *self.0.snapshot_failure.lock() = why;
+        self.publish();
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.serving.load(Ordering::SeqCst) && self.snapshot_failure().is_none()
+    }
+
+    /// Why the snapshots make the server not ready, if they do.
+    pub fn snapshot_failure(&self) -> Option<String> {
+        self.0.snapshot_failure.lock().clone()
+    }
+
+    fn publish(&self) {
+        let ready = self.is_ready();
+        self.0.ready.send_if_modified(|current| {
+            let changed = *current != ready;
+            *current = ready;
+            changed
+        });
+    }
+}
+
+/// Keeps the gRPC health status of `S` and of the whole server ("") equal to `readiness` from
+/// its next change on, so that a gRPC probe and /readyz never disagree. Runs until
+/// `readiness` is dropped.
+pub async fn mirror_readiness<S: NamedService>(readiness: Readiness, reporter: HealthReporter) {
+    let mut ready = readiness.0.ready.subscribe();
+    drop(readiness);
+    while ready.changed().await.is_ok() {
+        let status = if *ready.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status(S::NAME, status).await;
+        reporter.set_service_status("", status).await;
     }
 }
 
@@ -77,10 +140,13 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        return (StatusCode::OK, "ready\n".to_owned());
     }
+    let body = match state.readiness.snapshot_failure() {
+        Some(why) => format!("not ready: {why}\n"),
+        None => "not ready\n".to_owned(),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }

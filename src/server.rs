@@ -176,6 +176,8 @@ impl Server {
 
         let (snapshot_stop_tx, snapshot_stop_rx) = watch::channel(false);
         let snapshot_task = snapshotter.map(|snapshotter| {
+            let snapshotter =
+                snapshotter.with_readiness(readiness.clone(), config.max_snapshot_failures);
             tokio::spawn(snapshotter.run(config.snapshot_interval, snapshot_stop_rx))
         });
 
@@ -183,6 +185,12 @@ impl Server {
         health_reporter
             .set_serving::<HarmonizerServer<HarmonizerService>>()
             .await;
+        let _health_follows_readiness = AbortOnDrop(tokio::spawn(crate::http::mirror_readiness::<
+            HarmonizerServer<HarmonizerService>,
+        >(
+            readiness.clone(),
+            health_reporter.clone(),
+        )));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -2,8 +2,10 @@
 //! answers) and `/readyz` (state loaded and gRPC serving; not while shutting down, nor while
 //! snapshots keep failing), for whatever cannot speak gRPC health checks.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -16,8 +18,23 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::metrics::{Exposition, Format};
+use crate::transport::{Conn, ConnectionLimits, Handshake};
+
+/// The metrics listener's bounds: scrapers and probes need a handful of connections, and none
+/// of them may use up the descriptors the gRPC port needs (its `--max-connections` leaves 128
+/// for everything else). A connection must send its request head within 10 s, and one that
+/// sends nothing for 60 s after it (an idle keep-alive) is closed: a scraper reconnects.
+const METRICS_LIMITS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    handshake: Handshake::Http1RequestHead,
+    handshake_timeout: Duration::from_secs(10),
+    tcp_keepalive: None,
+    read_idle_timeout: Some(Duration::from_secs(60)),
+};
 
 /// Whether the server is ready for traffic: set once the state is loaded and gRPC serves,
 /// cleared as soon as a shutdown begins so that load balancers stop sending first, and while
@@ -113,9 +130,43 @@ pub async fn serve(
             exposition,
             readiness,
         });
-    axum::serve(listener, router)
+    let local_addr = listener.local_addr()?;
+    let bounded = BoundedListener {
+        incoming: crate::transport::incoming_with(listener, METRICS_LIMITS, None),
+        local_addr,
+    };
+    axum::serve(bounded, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The metrics port's connections, through the same accept loop as the gRPC port's.
+struct BoundedListener {
+    incoming: ReceiverStream<std::io::Result<Conn>>,
+    local_addr: SocketAddr,
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.remote_addr().unwrap_or(self.local_addr);
+                    return (conn, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop only ends when this stream is dropped.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
 }
 
 async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {

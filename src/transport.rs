@@ -12,6 +12,8 @@
 //! - accept errors that mean "out of descriptors or memory" (EMFILE, ENFILE, ENOBUFS, ENOMEM)
 //!   back off from 5 ms up to 1 s instead of retrying at once, and are logged at most once per
 //!   10 s and counted in `ghmd_accept_errors_total`;
+//! - the metrics listener (`src/http.rs`) gets the same bounds with smaller numbers, so that
+//!   silent sockets on it cannot use up the descriptors the gRPC port needs;
 //! - accepted sockets get TCP_NODELAY (a response written in two frames would otherwise wait
 //!   40 ms for the client's delayed ACK) and TCP keepalive (so that the kernel reaps peers that
 //!   vanished without a FIN even when HTTP/2 pings are off).
@@ -53,16 +55,32 @@ const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// closed instead; the evicted connection's task only has to wake up and drop its socket.
 const EVICTION_WAIT: Duration = Duration::from_millis(100);
 
+/// Longest HTTP/1 request head waited for; a longer one is handed to hyper, which refuses it.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// What a connection must send within the handshake timeout before it is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// The 24-byte HTTP/2 client preface (plaintext gRPC).
+    Http2Preface,
+    /// A TLS ClientHello's first byte: tonic's TLS acceptor times the rest of the TLS
+    /// handshake by the same timeout.
+    TlsHello,
+    /// An HTTP/1 request head, up to its blank line (the metrics listener's GETs).
+    Http1RequestHead,
+}
+
 /// The limits of one listener.
 #[derive(Clone, Debug)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    pub handshake: Handshake,
     pub handshake_timeout: Duration,
     /// Idle time before the kernel's first keepalive probe; `None` leaves keepalive off.
     pub tcp_keepalive: Option<Duration>,
-    /// The port speaks TLS: the first bytes are a ClientHello, not the HTTP/2 preface (tonic's
-    /// TLS acceptor then bounds the rest of the TLS handshake by the same timeout).
-    pub tls: bool,
+    /// A served connection from which nothing arrives for this long is closed (for HTTP/1,
+    /// which has no pings); `None` leaves that to the protocol.
+    pub read_idle_timeout: Option<Duration>,
 }
 
 impl ConnectionLimits {
@@ -82,9 +100,15 @@ impl ConnectionLimits {
         }
         Self {
             max_connections,
+            handshake: if config.tls_cert.is_some() {
+                Handshake::TlsHello
+            } else {
+                Handshake::Http2Preface
+            },
             handshake_timeout: config.handshake_timeout,
             tcp_keepalive: Some(config.tcp_keepalive),
-            tls: config.tls_cert.is_some(),
+            // HTTP/2 pings (--http2-keepalive-*) find dead peers.
+            read_idle_timeout: None,
         }
     }
 }
@@ -96,18 +120,30 @@ pub struct Conn {
     prefix: Vec<u8>,
     consumed: usize,
     info: TcpConnectInfo,
+    read_idle_timeout: Option<Duration>,
+    /// Armed when a read finds nothing, cleared when bytes arrive.
+    read_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: Slot,
+}
+
+impl Conn {
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
+    }
 }
 
 /// One of `--max-connections`, held for a connection's lifetime.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    metrics: Metrics,
+    /// `None` on the metrics listener, whose connections are not the gRPC port's series.
+    metrics: Option<Metrics>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.metrics.connection_closed();
+        if let Some(metrics) = &self.metrics {
+            metrics.connection_closed();
+        }
     }
 }
 
@@ -138,7 +174,25 @@ impl AsyncRead for Conn {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
+            if buf.filled().len() > before {
+                this.read_deadline = None;
+            }
+            return Poll::Ready(result);
+        }
+        if let Some(idle) = this.read_idle_timeout {
+            let deadline = this
+                .read_deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nothing received for {idle:?}"),
+                )));
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -252,6 +306,15 @@ pub fn incoming(
     limits: ConnectionLimits,
     metrics: Metrics,
 ) -> ReceiverStream<io::Result<Conn>> {
+    incoming_with(listener, limits, Some(metrics))
+}
+
+/// [`incoming`], counted in `metrics` if given.
+pub fn incoming_with(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    metrics: Option<Metrics>,
+) -> ReceiverStream<io::Result<Conn>> {
     let (ready, stream) = mpsc::channel(1024);
     tokio::spawn(accept_loop(listener, limits, metrics, ready));
     ReceiverStream::new(stream)
@@ -278,8 +341,10 @@ impl AcceptBackoff {
         self.delay = FIRST_BACKOFF;
     }
 
-    async fn failed(&mut self, error: &io::Error, metrics: &Metrics) {
-        metrics.accept_error();
+    async fn failed(&mut self, error: &io::Error, metrics: Option<&Metrics>) {
+        if let Some(metrics) = metrics {
+            metrics.accept_error();
+        }
         self.unlogged += 1;
         if self
             .last_log
@@ -315,7 +380,7 @@ fn is_per_connection(error: &io::Error) -> bool {
 async fn accept_loop(
     listener: TcpListener,
     limits: ConnectionLimits,
-    metrics: Metrics,
+    metrics: Option<Metrics>,
     ready: mpsc::Sender<io::Result<Conn>>,
 ) {
     let slots = Arc::new(Semaphore::new(
@@ -335,18 +400,22 @@ async fn accept_loop(
             }
             Err(error) if is_per_connection(&error) => continue,
             Err(error) => {
-                backoff.failed(&error, &metrics).await;
+                backoff.failed(&error, metrics.as_ref()).await;
                 continue;
             }
         };
         let Some(permit) = take_slot(&slots, &handshaking).await else {
-            metrics.connection_refused("at_limit");
+            if let Some(metrics) = &metrics {
+                metrics.connection_refused("at_limit");
+            }
             tracing::debug!(%peer, limit = limits.max_connections, "connection closed: at --max-connections");
             drop(stream);
             continue;
         };
         configure(&stream, &limits);
-        metrics.connection_opened();
+        if let Some(metrics) = &metrics {
+            metrics.connection_opened();
+        }
         let slot = Slot {
             _permit: permit,
             metrics: metrics.clone(),
@@ -412,18 +481,29 @@ async fn await_handshake(
     handshaking: Arc<Mutex<Handshaking>>,
     ready: mpsc::Sender<io::Result<Conn>>,
 ) {
-    // A TLS ClientHello's first byte is enough: tonic's TLS acceptor times the rest.
-    let wanted = if limits.tls { 1 } else { HTTP2_PREFACE.len() };
+    let wanted = match limits.handshake {
+        Handshake::Http2Preface => HTTP2_PREFACE.len(),
+        Handshake::TlsHello => 1,
+        Handshake::Http1RequestHead => MAX_REQUEST_HEAD,
+    };
     let mut prefix = vec![0u8; wanted];
     let mut filled = 0;
     let read = async {
         while filled < wanted {
+            let before = filled;
             match stream.read(&mut prefix[filled..]).await {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => filled += n,
             }
-            // Not HTTP/2 after all: let hyper answer it as it does.
-            if !limits.tls && prefix[..filled] != HTTP2_PREFACE[..filled] {
+            let done = match limits.handshake {
+                // Not HTTP/2 after all: let hyper answer it as it does.
+                Handshake::Http2Preface => prefix[..filled] != HTTP2_PREFACE[..filled],
+                Handshake::TlsHello => true,
+                Handshake::Http1RequestHead => prefix[before.saturating_sub(3)..filled]
+                    .windows(4)
+                    .any(|window| window == b"\r\n\r\n"),
+            };
+            if done {
                 break;
             }
         }
@@ -447,12 +527,16 @@ async fn await_handshake(
                 prefix,
                 consumed: 0,
                 info,
+                read_idle_timeout: limits.read_idle_timeout,
+                read_deadline: None,
                 _slot: slot,
             };
             let _ = ready.send(Ok(conn)).await;
         }
         Err(Some(reason)) => {
-            slot.metrics.connection_refused(reason);
+            if let Some(metrics) = &slot.metrics {
+                metrics.connection_refused(reason);
+            }
             tracing::debug!(%peer, reason, timeout = ?limits.handshake_timeout, "connection closed before its handshake");
         }
         Err(None) => {}

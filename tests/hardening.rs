@@ -358,6 +358,38 @@ async fn accept_errors_at_the_fd_limit_back_off_instead_of_spinning() {
     drop(waiting);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_on_the_metrics_port_cannot_use_up_the_grpc_ports_descriptors() {
+    raise_own_fd_limit();
+    const FD_LIMIT: u64 = 256;
+    let dir = TempDir::new("hardening-metrics-port");
+    let server = start(
+        dir.path(),
+        &["--handshake-timeout", "120s"],
+        Limits {
+            open_files: Some(FD_LIMIT),
+            ..Limits::default()
+        },
+    );
+    // Before the fix, each of these held a descriptor for ever: 1,000 of them, past the limit.
+    let held_metrics = silent_sockets(server.metrics_addr, 1000).await;
+    let held_grpc = silent_sockets(server.addr, 1000).await;
+    let latency = fresh_client_is_served(&server, "beside-metrics").await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), readyz(&server))
+        .await
+        .expect("/readyz answered while silent sockets hold the metrics port");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let errors = metric(&server, "ghmd_accept_errors_total", &[]).await;
+    println!(
+        "{} silent sockets on the metrics port and {} on the gRPC port: {} fds open (limit \
+         {FD_LIMIT}), {errors} accept errors, a fresh gRPC client answered in {latency:?}",
+        held_metrics.len(),
+        held_grpc.len(),
+        open_fds(&server).len()
+    );
+    assert_eq!(errors, 0.0, "the gRPC port ran out of descriptors");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding 2: connections and streams that end.
 

@@ -109,16 +109,18 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
-        let (permits, what) = if path == WATCH_PATH {
-            (&self.layer.watches, None)
-        } else if path.starts_with(EXEMPT_PREFIX) {
+        let watch = path == WATCH_PATH;
+        if !watch && path.starts_with(EXEMPT_PREFIX) {
             let request = request.map(|body| IdleBody::wrap(body, self.layer.idle_timeout));
             return LimitFuture::Admitted {
                 inner: self.inner.call(request),
                 permit: None,
             };
+        }
+        let permits = if watch {
+            &self.layer.watches
         } else {
-            (&self.layer.permits, Some(()))
+            &self.layer.permits
         };
         match Arc::clone(permits).try_acquire_owned() {
             Ok(permit) => {
@@ -129,17 +131,18 @@ where
                 }
             }
             Err(_) => {
-                let message = match what {
-                    Some(()) => format!(
-                        "ghmd is serving its limit of {} concurrent requests \
-                         (--max-concurrent-requests); retry with backoff",
-                        self.layer.limit
-                    ),
-                    None => format!(
+                let message = if watch {
+                    format!(
                         "ghmd has its limit of {} Health/Watch streams open \
                          (--max-health-watches); use Health/Check, or retry with backoff",
                         self.layer.watch_limit
-                    ),
+                    )
+                } else {
+                    format!(
+                        "ghmd is serving its limit of {} concurrent requests \
+                         (--max-concurrent-requests); retry with backoff",
+                        self.layer.limit
+                    )
                 };
                 tracing::debug!(path, %message, "request refused");
                 LimitFuture::Refused {

@@ -233,22 +233,29 @@ async fn closed_within(socket: &mut TcpStream, within: Duration) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Finding 1: silent sockets and fd exhaustion.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_sockets_at_the_fd_limit_leave_fresh_clients_served_and_the_server_idle() {
+/// The server's fd limit in the silent-socket tests.
+const FD_LIMIT: u64 = 256;
+
+/// ghmd at [`FD_LIMIT`], with a handshake timeout longer than the test: fresh clients are
+/// served because silent sockets give up their slots to them, not because the silent ones time
+/// out. The test process itself may then open thousands of sockets.
+fn start_for_silent_sockets(dir: &TempDir) -> Ghmd {
     raise_own_fd_limit();
-    const FD_LIMIT: u64 = 256;
-    const SILENT: usize = 3000;
-    let dir = TempDir::new("hardening-silent");
-    // A handshake timeout longer than the test: fresh clients are served because silent
-    // sockets give up their slots to them, not because the silent ones time out.
-    let server = start(
+    start(
         dir.path(),
         &["--handshake-timeout", "120s"],
         Limits {
             open_files: Some(FD_LIMIT),
             ..Limits::default()
         },
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_at_the_fd_limit_leave_fresh_clients_served_and_the_server_idle() {
+    const SILENT: usize = 3000;
+    let dir = TempDir::new("hardening-silent");
+    let server = start_for_silent_sockets(&dir);
     let cpu_before = cpu(&server);
     let attack_started = Instant::now();
     let held = silent_sockets(server.addr, SILENT).await;
@@ -360,17 +367,8 @@ async fn accept_errors_at_the_fd_limit_back_off_instead_of_spinning() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_sockets_on_the_metrics_port_cannot_use_up_the_grpc_ports_descriptors() {
-    raise_own_fd_limit();
-    const FD_LIMIT: u64 = 256;
     let dir = TempDir::new("hardening-metrics-port");
-    let server = start(
-        dir.path(),
-        &["--handshake-timeout", "120s"],
-        Limits {
-            open_files: Some(FD_LIMIT),
-            ..Limits::default()
-        },
-    );
+    let server = start_for_silent_sockets(&dir);
     // Before the fix, each of these held a descriptor for ever: 1,000 of them, past the limit.
     let held_metrics = silent_sockets(server.metrics_addr, 1000).await;
     let held_grpc = silent_sockets(server.addr, 1000).await;

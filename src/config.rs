@@ -263,9 +263,9 @@ pub struct ServeConfig {
     #[arg(long, env = "GHMD_MAX_HEALTH_WATCHES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_health_watches: u32,
 
-    /// Snapshots failing in a row before the server reports not ready (/readyz 503, gRPC health
-    /// NOT_SERVING), so that an orchestrator moves it; the next snapshot written makes it ready
-    /// again.
+    /// Snapshots failing in a row before the server reports not ready (/readyz 503,
+    /// ghm.v1.Harmonizer's gRPC health NOT_SERVING), so that an orchestrator moves its traffic;
+    /// the next snapshot written makes it ready again.
     #[arg(long, env = "GHMD_MAX_SNAPSHOT_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_snapshot_failures: u32,
 

@@ -92,9 +92,10 @@ impl Readiness {
     }
 }
 
-/// Keeps the gRPC health status of `S` and of the whole server ("") equal to `readiness` from
-/// its next change on, so that a gRPC probe and /readyz never disagree. Runs until
-/// `readiness` is dropped.
+/// Keeps the gRPC health status of `S` equal to `readiness` from its next change on, so that a
+/// gRPC readiness probe and /readyz never disagree. The whole server ("") stays SERVING: it is
+/// what liveness probes ask, and a restart would lose the very steps a failing disk has not
+/// saved. Runs until `readiness` is dropped.
 pub async fn mirror_readiness<S: NamedService>(readiness: Readiness, reporter: HealthReporter) {
     let mut ready = readiness.0.ready.subscribe();
     drop(readiness);
@@ -105,7 +106,6 @@ pub async fn mirror_readiness<S: NamedService>(readiness: Readiness, reporter: H
             tonic_health::ServingStatus::NotServing
         };
         reporter.set_service_status(S::NAME, status).await;
-        reporter.set_service_status("", status).await;
     }
 }
 

@@ -862,15 +862,16 @@ async fn snapshots_failing_under_a_file_size_limit_turn_the_server_not_ready_and
             .expect("check"),
         ServingStatus::NotServing
     );
+    // Liveness (the server as a whole) is unaffected: a restart would lose what is unsaved.
     assert_eq!(
         check_health(server.addr, "").await.expect("check"),
-        ServingStatus::NotServing
+        ServingStatus::Serving
     );
     assert!(metric(&server, "ghmd_snapshot_consecutive_failures", &[]).await >= 3.0);
     assert!(
         server
             .log()
-            .contains("Reporting NOT READY (/readyz 503, gRPC health NOT_SERVING)"),
+            .contains("Reporting NOT READY (/readyz 503, Harmonizer health NOT_SERVING)"),
         "{}",
         server.log()
     );

@@ -73,7 +73,7 @@ impl Snapshotter {
                     );
                     if self.failures_in_a_row == *max_failures {
                         tracing::error!(
-                            "{why}. Reporting NOT READY (/readyz 503, gRPC health NOT_SERVING) \
+                            "{why}. Reporting NOT READY (/readyz 503, Harmonizer health NOT_SERVING) \
                              until a snapshot succeeds: steps acknowledged since the last \
                              snapshot would be lost by a restart"
                         );

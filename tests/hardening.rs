@@ -573,41 +573,62 @@ async fn a_stream_that_sends_between_pauses_shorter_than_the_idle_timeout_goes_o
     assert!(responses.message().await.expect("clean end").is_none());
 }
 
+/// A peer that completed its HTTP/2 handshake, then vanished without FIN or RST: its socket
+/// stays open but nothing reads it, so nothing answers the server's pings.
+async fn vanished_peer(addr: SocketAddr) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    socket.write_all(PREFACE).await.expect("preface");
+    socket
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("empty SETTINGS");
+    socket
+}
+
+async fn connections_open_becomes(server: &Ghmd, wanted: f64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if metric(server, "ghmd_connections_open", &[]).await == wanted {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_answering_pings_is_reaped() {
-    let dir = TempDir::new("hardening-keepalive");
-    let server = start(
-        dir.path(),
-        &[
+    let pinging = TempDir::new("hardening-keepalive");
+    let quiet = TempDir::new("hardening-no-keepalive");
+    let with_pings = |interval: &'static str| {
+        [
             "--http2-keepalive-interval",
-            "500ms",
+            interval,
             "--http2-keepalive-timeout",
             "500ms",
-        ],
-        Limits::default(),
-    );
-    // A peer that completed its handshake, then vanished without FIN or RST: it still holds
-    // the socket but nothing answers the server's pings.
-    let (send, driver) = h2_connection(server.addr).await;
-    let mut open = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && open < 1.0 {
-        open = metric(&server, "ghmd_connections_open", &[]).await;
-    }
-    assert_eq!(open, 1.0);
-    driver.abort();
+        ]
+    };
+    let server = start(pinging.path(), &with_pings("500ms"), Limits::default());
+    // The control: the same peer on a server that pings once an hour stays connected.
+    let control = start(quiet.path(), &with_pings("1h"), Limits::default());
+    let _peer = vanished_peer(server.addr).await;
+    let _control_peer = vanished_peer(control.addr).await;
+    assert!(connections_open_becomes(&server, 1.0, Duration::from_secs(5)).await);
+    assert!(connections_open_becomes(&control, 1.0, Duration::from_secs(5)).await);
     let vanished = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && open > 0.0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        open = metric(&server, "ghmd_connections_open", &[]).await;
-    }
-    println!(
-        "a peer that stopped answering pings was reaped {:?} later",
-        vanished.elapsed()
+    assert!(
+        connections_open_becomes(&server, 0.0, Duration::from_secs(10)).await,
+        "the silent peer's connection is still open"
     );
-    assert_eq!(open, 0.0, "the silent peer's connection is still open");
-    drop(send);
+    let reaped_after = vanished.elapsed();
+    assert_eq!(
+        metric(&control, "ghmd_connections_open", &[]).await,
+        1.0,
+        "without pings the peer should still be connected: it was closed by something else"
+    );
+    println!("a peer that stopped answering pings was reaped {reaped_after:?} later");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

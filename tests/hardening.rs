@@ -435,6 +435,62 @@ async fn silent_sockets_are_closed_after_the_handshake_timeout() {
     assert_eq!(timeouts, 21.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_the_same_timeout_closes_silent_sockets_and_stalled_tls_handshakes() {
+    let dir = TempDir::new("hardening-tls");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let cert_pem = certified.cert.pem();
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    std::fs::write(&cert, &cert_pem).expect("cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let server = start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            &cert_arg,
+            "--tls-key",
+            &key_arg,
+            "--handshake-timeout",
+            "1s",
+        ],
+        Limits::default(),
+    );
+    let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+    // The first byte of a TLS record, then nothing: past our check, into TLS's own timeout.
+    let mut stalled = TcpStream::connect(server.addr).await.expect("connect");
+    stalled.write_all(&[0x16]).await.expect("write");
+    let started = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(10)).await);
+    assert!(closed_within(&mut stalled, Duration::from_secs(10)).await);
+    println!(
+        "with TLS, a silent socket and a stalled TLS handshake were closed within {:?} \
+         (timeout 1s each)",
+        started.elapsed()
+    );
+    // A real TLS client is served.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("a TLS client connects");
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "ghm.v1.Harmonizer".to_owned(),
+        })
+        .await
+        .expect("health over TLS")
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+}
+
 /// A raw HTTP/2 connection whose driver the test controls.
 async fn h2_connection(
     addr: SocketAddr,

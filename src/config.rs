@@ -226,7 +226,8 @@ pub struct ServeConfig {
     pub max_streams_per_connection: u32,
 
     /// gRPC connections open at once; a new one past it takes the slot of the oldest
-    /// connection still in its handshake, or is closed at once if there is none. Lowered at
+    /// connection still in its handshake (preferring one that has sent nothing), or is closed
+    /// at once if there is none. Lowered at
     /// start to the fd limit (raised to its hard limit first) less 128, so that the cap comes
     /// before EMFILE.
     #[arg(long, env = "GHMD_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

@@ -6,7 +6,8 @@
 //! - a connection must send the start of its handshake (the HTTP/2 client preface, or a TLS
 //!   ClientHello's first bytes) within `--handshake-timeout`, or it is closed;
 //! - when every slot is taken, a new connection evicts the oldest one still waiting for its
-//!   handshake, so that silent sockets can never lock out a client that speaks at once; if
+//!   handshake that has sent nothing (or else the oldest), so that silent sockets can never
+//!   lock out a client that speaks at once; if
 //!   every connection has completed its handshake, the new one is closed at once (the client
 //!   sees a reset, not a hang);
 //! - accept errors that mean "out of descriptors or memory" (EMFILE, ENFILE, ENOBUFS, ENOMEM)
@@ -27,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -226,31 +227,66 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The connections still waiting for their handshake, oldest first, each with the signal that
-/// evicts it.
+/// The connections still waiting for their handshake, oldest first, each with its socket (to
+/// see whether it has sent anything) and the signal that evicts it.
 #[derive(Default)]
 struct Handshaking {
     next_id: u64,
-    waiting: BTreeMap<u64, Arc<Notify>>,
+    waiting: BTreeMap<u64, Waiting>,
 }
 
+struct Waiting {
+    stream: Arc<TcpStream>,
+    evict: Arc<Notify>,
+}
+
+/// How many of the oldest handshaking connections an eviction looks at for a silent one.
+const EVICTION_SCAN: usize = 64;
+
 impl Handshaking {
-    fn register(&mut self) -> (u64, Arc<Notify>) {
+    fn register(&mut self, stream: Arc<TcpStream>) -> (u64, Arc<Notify>) {
         let id = self.next_id;
         self.next_id += 1;
         let evict = Arc::new(Notify::new());
-        self.waiting.insert(id, Arc::clone(&evict));
+        self.waiting.insert(
+            id,
+            Waiting {
+                stream,
+                evict: Arc::clone(&evict),
+            },
+        );
         (id, evict)
     }
 
-    fn evict_oldest(&mut self) -> bool {
-        match self.waiting.pop_first() {
-            Some((_, evict)) => {
-                evict.notify_one();
+    /// Closes the oldest connection that has sent nothing yet, so that a client whose preface
+    /// is already in the socket buffer (the server has not read it yet) is not the one to go
+    /// under a flood of new connections; if every one looked at has sent something, the
+    /// oldest goes.
+    fn evict_one(&mut self) -> bool {
+        let silent = self
+            .waiting
+            .iter()
+            .take(EVICTION_SCAN)
+            .find(|(_, waiting)| !has_sent_anything(&waiting.stream))
+            .map(|(id, _)| *id);
+        let victim = silent.or_else(|| self.waiting.keys().next().copied());
+        match victim.and_then(|id| self.waiting.remove(&id)) {
+            Some(waiting) => {
+                waiting.evict.notify_one();
                 true
             }
             None => false,
         }
+    }
+}
+
+/// Whether bytes (or an EOF) wait in the socket's receive buffer, without taking them.
+fn has_sent_anything(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // The socket is non-blocking: an empty buffer is WouldBlock, not a wait.
+    match socket2::SockRef::from(stream).peek(&mut byte) {
+        Ok(n) => n > 0,
+        Err(_) => false,
     }
 }
 
@@ -420,7 +456,8 @@ async fn accept_loop(
             _permit: permit,
             metrics: metrics.clone(),
         };
-        let (id, evict) = handshaking.lock().register();
+        let stream = Arc::new(stream);
+        let (id, evict) = handshaking.lock().register(Arc::clone(&stream));
         tokio::spawn(await_handshake(
             stream,
             peer,
@@ -442,7 +479,7 @@ async fn take_slot(
     if let Ok(permit) = Arc::clone(slots).try_acquire_owned() {
         return Some(permit);
     }
-    if !handshaking.lock().evict_oldest() {
+    if !handshaking.lock().evict_one() {
         return None;
     }
     tokio::time::timeout(EVICTION_WAIT, Arc::clone(slots).acquire_owned())
@@ -472,7 +509,7 @@ fn configure(stream: &TcpStream, limits: &ConnectionLimits) {
 /// spend anything on it.
 #[allow(clippy::too_many_arguments)]
 async fn await_handshake(
-    mut stream: TcpStream,
+    stream: Arc<TcpStream>,
     peer: SocketAddr,
     slot: Slot,
     limits: ConnectionLimits,
@@ -491,9 +528,14 @@ async fn await_handshake(
     let read = async {
         while filled < wanted {
             let before = filled;
-            match stream.read(&mut prefix[filled..]).await {
-                Ok(0) | Err(_) => return false,
+            if stream.readable().await.is_err() {
+                return false;
+            }
+            match stream.try_read(&mut prefix[filled..]) {
+                Ok(0) => return false,
                 Ok(n) => filled += n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return false,
             }
             let done = match limits.handshake {
                 // Not HTTP/2 after all: let hyper answer it as it does.
@@ -515,6 +557,10 @@ async fn await_handshake(
         () = evict.notified() => Err(Some("evicted_in_handshake")),
     };
     handshaking.lock().waiting.remove(&id);
+    // The registry's clone is gone with its entry: the stream is this task's alone again.
+    let Ok(stream) = Arc::try_unwrap(stream) else {
+        return;
+    };
     match outcome {
         Ok(()) => {
             prefix.truncate(filled);
@@ -555,15 +601,38 @@ mod tests {
         assert_eq!(fit_to_fd_limit(4096, Some(100)), MIN_CONNECTIONS);
     }
 
-    #[test]
-    fn the_oldest_handshake_is_evicted_first() {
+    #[tokio::test]
+    async fn the_oldest_silent_handshake_is_evicted_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        let mut accepted = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            accepted.push(Arc::new(listener.accept().await.unwrap().0));
+        }
+        // The oldest has sent its first bytes; the server has not read them yet.
+        tokio::io::AsyncWriteExt::write_all(&mut clients[0], b"PRI")
+            .await
+            .unwrap();
+        while !has_sent_anything(&accepted[0]) {
+            tokio::task::yield_now().await;
+        }
         let mut waiting = Handshaking::default();
-        let (first, _) = waiting.register();
-        let (second, _) = waiting.register();
-        assert!(waiting.evict_oldest());
-        assert!(!waiting.waiting.contains_key(&first));
-        assert!(waiting.waiting.contains_key(&second));
-        assert!(waiting.evict_oldest());
-        assert!(!waiting.evict_oldest());
+        let ids: Vec<u64> = accepted
+            .iter()
+            .map(|stream| waiting.register(Arc::clone(stream)).0)
+            .collect();
+        assert!(waiting.evict_one());
+        assert!(
+            waiting.waiting.contains_key(&ids[0]),
+            "the speaking one was evicted"
+        );
+        assert!(!waiting.waiting.contains_key(&ids[1]));
+        assert!(waiting.evict_one());
+        assert!(!waiting.waiting.contains_key(&ids[2]));
+        // Only a speaking one is left: it goes last.
+        assert!(waiting.evict_one());
+        assert!(!waiting.evict_one());
     }
 }

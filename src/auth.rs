@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::RwLock;
 use serde::Deserialize;
@@ -41,11 +42,22 @@ pub enum Access {
 }
 
 /// The identity behind a token. It never holds the token itself, so it can be logged.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Caller {
     pub name: String,
     pub prefixes: Vec<String>,
+    /// Set when a reload removes or changes this caller's token, so that the streams it opened
+    /// see it at their next message (one atomic load) instead of keeping the old rights.
+    revoked: AtomicBool,
 }
+
+impl PartialEq for Caller {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.prefixes == other.prefixes
+    }
+}
+
+impl Eq for Caller {}
 
 impl Access {
     /// Whether this caller may use the job `job_id` (create, read, weigh, change or delete it).
@@ -53,6 +65,21 @@ impl Access {
         match self {
             Access::Open => true,
             Access::Caller(caller) => caller.may_use(job_id),
+        }
+    }
+
+    /// UNAUTHENTICATED once a reload of the tokens file removed or changed this caller's
+    /// token; a stream checks it before each message.
+    pub fn check_not_revoked(&self) -> Result<(), Status> {
+        match self {
+            Access::Caller(caller) if caller.revoked.load(Ordering::Acquire) => {
+                Err(Status::unauthenticated(format!(
+                    "the token {:?} was removed or changed by a reload of the tokens file; \
+                     open a new stream with a current token",
+                    caller.name
+                )))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -196,6 +223,7 @@ impl TokenSet {
                 caller: Arc::new(Caller {
                     name: entry.name,
                     prefixes: entry.prefixes,
+                    revoked: AtomicBool::new(false),
                 }),
             });
         }
@@ -212,6 +240,21 @@ impl TokenSet {
 
     pub fn len(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Takes over the callers of `old` whose token, name and prefixes are unchanged (so that
+    /// their open streams go on), and marks every other caller of `old` revoked.
+    fn succeed(&mut self, old: &TokenSet) {
+        for known in &old.tokens {
+            match self
+                .tokens
+                .iter_mut()
+                .find(|new| new.digest == known.digest && *new.caller == *known.caller)
+            {
+                Some(same) => same.caller = Arc::clone(&known.caller),
+                None => known.caller.revoked.store(true, Ordering::Release),
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -282,10 +325,12 @@ impl Authenticator {
         let Some(path) = &self.path else {
             return Ok(None);
         };
-        let tokens = TokenSet::load(path)?;
+        let mut tokens = TokenSet::load(path)?;
         warn_if_readable_by_others(path);
         let count = tokens.len();
-        *self.tokens.write() = Arc::new(tokens);
+        let mut current = self.tokens.write();
+        tokens.succeed(&current);
+        *current = Arc::new(tokens);
         Ok(Some(count))
     }
 
@@ -564,8 +609,16 @@ prefixes = [""]
         )
         .unwrap();
         assert_eq!(auth.reload().unwrap(), Some(1));
+        assert!(
+            ok.check_not_revoked().is_err(),
+            "a removed token's access is revoked"
+        );
         assert!(with("Bearer aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa").is_err());
-        assert_eq!(with("Bearer cccccccccccccccccccc").unwrap().name(), "c");
+        let kept = with("Bearer cccccccccccccccccccc").unwrap();
+        assert_eq!(kept.name(), "c");
+        // Rereading the same file keeps the access of its callers.
+        assert_eq!(auth.reload().unwrap(), Some(1));
+        assert!(kept.check_not_revoked().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

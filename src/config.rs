@@ -103,6 +103,51 @@ pub struct ServeConfig {
     #[arg(long, env = "GHMD_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
 
+    /// gRPC connections open at once; a new one past it takes the slot of the oldest
+    /// connection still in its handshake (preferring one that has sent nothing), or is closed
+    /// at once if there is none. Lowered at
+    /// start to the fd limit (raised to its hard limit first) less 128, so that the cap comes
+    /// before EMFILE.
+    #[arg(long, env = "GHMD_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// A connection that has not sent the HTTP/2 client preface (or, with TLS, completed its
+    /// TLS handshake) within this is closed.
+    #[arg(long, env = "GHMD_HANDSHAKE_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+
+    /// How often an HTTP/2 ping is sent on every connection, so that peers that vanished are
+    /// found.
+    #[arg(long, env = "GHMD_HTTP2_KEEPALIVE_INTERVAL", value_parser = parse_positive_duration, default_value = "30s")]
+    pub http2_keepalive_interval: Duration,
+
+    /// A connection whose peer does not answer a ping within this is closed, and its streams
+    /// with it.
+    #[arg(long, env = "GHMD_HTTP2_KEEPALIVE_TIMEOUT", value_parser = parse_positive_duration, default_value = "20s")]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Idle time of a TCP connection before the kernel's first keepalive probe (then every
+    /// 10 s, 3 probes).
+    #[arg(long, env = "GHMD_TCP_KEEPALIVE", value_parser = parse_positive_duration, default_value = "60s")]
+    pub tcp_keepalive: Duration,
+
+    /// A request stream that carries no message for this long is ended with DEADLINE_EXCEEDED
+    /// and gives back its --max-concurrent-requests slot. A training loop sends every step, so
+    /// it never waits this long; a unary request whose body never comes ends the same way.
+    #[arg(long, env = "GHMD_STREAM_IDLE_TIMEOUT", value_parser = parse_positive_duration, default_value = "10m")]
+    pub stream_idle_timeout: Duration,
+
+    /// Health/Watch streams open at once (they need no token and are not counted in
+    /// --max-concurrent-requests); one more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GHMD_MAX_HEALTH_WATCHES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_health_watches: u32,
+
+    /// Snapshots failing in a row before the server reports not ready (/readyz 503,
+    /// ghm.v1.Harmonizer's gRPC health NOT_SERVING), so that an orchestrator moves its traffic;
+    /// the next snapshot written makes it ready again.
+    #[arg(long, env = "GHMD_MAX_SNAPSHOT_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_snapshot_failures: u32,
+
     /// Address of the HTTP listener for /metrics, /healthz and /readyz. Port 0 picks a free port.
     #[arg(long, env = "GHMD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,

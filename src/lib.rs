@@ -24,6 +24,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 
 #[cfg(test)]
 mod synthetic;

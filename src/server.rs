@@ -9,7 +9,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::HarmonizerService;
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
@@ -176,6 +175,8 @@ impl Server {
         tracing::info!(addr = %metrics_addr, "ghmd serving /metrics, /healthz and /readyz");
 
         let snapshotter = snapshotter.map(|snapshotter| {
+            let snapshotter =
+                snapshotter.with_readiness(readiness.clone(), config.max_snapshot_failures);
             tokio::spawn(snapshotter.run(config.snapshot_interval, stopped.signal()))
         });
 
@@ -183,6 +184,10 @@ impl Server {
         health_reporter
             .set_serving::<HarmonizerServer<HarmonizerService>>()
             .await;
+        // Ends by itself once the last `Readiness` is gone, after every other task.
+        tokio::spawn(crate::probes::mirror_readiness::<
+            HarmonizerServer<HarmonizerService>,
+        >(readiness.clone(), health_reporter.clone()));
         let reflection = reflection_builder().build_v1()?;
         let reflection_alpha = reflection_builder().build_v1alpha()?;
         let reaper = registry.spawn_reaper(config.job_ttl, stopped.signal());
@@ -228,9 +233,13 @@ impl Server {
             draining.stop();
         };
 
+        let connection_limits = crate::transport::ConnectionLimits::from_config(&config);
+        let connection_metrics = metrics.clone();
         tracing::info!(%addr, tls = tls.is_some(), "ghmd serving gRPC");
         let mut builder = tonic::transport::Server::builder()
-            .max_concurrent_streams(config.max_streams_per_connection);
+            .max_concurrent_streams(config.max_streams_per_connection)
+            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout));
         if let Some(tls) = tls {
             builder = builder
                 .tls_config(tls)
@@ -249,18 +258,18 @@ impl Server {
         readiness.set(true);
         let serve = builder
             .layer(metrics_layer)
-            .layer(ConcurrencyLimitLayer::new(
-                config.max_concurrent_requests as usize,
-            ))
+            .layer(
+                ConcurrencyLimitLayer::new(config.max_concurrent_requests as usize)
+                    .with_idle_timeout(config.stream_idle_timeout)
+                    .with_max_health_watches(config.max_health_watches as usize),
+            )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(harmonizer)
-            // Without TCP_NODELAY (which a custom incoming stream does not get from tonic) a
-            // response whose frames leave in two writes waits for the client's delayed ACK:
-            // 40 ms per small request on Linux.
+            // TCP_NODELAY, keepalive, the connection cap and the handshake timeout: transport.rs.
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                crate::transport::incoming(listener, connection_limits, connection_metrics),
                 signal,
             );
         let served = tokio::select! {
@@ -340,7 +349,13 @@ fn tls_config(config: &ServeConfig) -> Result<Option<ServerTlsConfig>, TlsError>
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    tls::server_config(cert, key, config.tls_client_ca.as_deref()).map(Some)
+    tls::server_config(
+        cert,
+        key,
+        config.tls_client_ca.as_deref(),
+        config.handshake_timeout,
+    )
+    .map(Some)
 }
 
 /// Binds and serves until `shutdown` completes.

@@ -7,10 +7,6 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-/// A client that opens a TCP connection and never finishes its TLS handshake is dropped after
-/// this long, so idle sockets cannot pile up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
@@ -39,11 +35,12 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
+    handshake_timeout: Duration,
 ) -> Result<ServerTlsConfig, TlsError> {
     let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
     let mut tls = ServerTlsConfig::new()
         .identity(identity)
-        .timeout(HANDSHAKE_TIMEOUT);
+        .timeout(handshake_timeout);
     if let Some(ca) = client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read_pem("--tls-client-ca", ca)?));
     }

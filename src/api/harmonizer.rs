@@ -172,7 +172,11 @@ impl Harmonizer for HarmonizerService {
         let (responses, outbound) = mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
-                let result = match message {
+                // A token revoked while the stream is open stops it here, at its next message.
+                let result = match message.and_then(|request| {
+                    access.check_not_revoked()?;
+                    Ok(request)
+                }) {
                     Ok(request) => service.harmonize_one(&access, request).await,
                     Err(status) => Err(status),
                 };

@@ -61,6 +61,11 @@ pub struct LossLabels {
     pub loss: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 fn loss_labels(loss: Loss) -> LossLabels {
     LossLabels {
         loss: match loss {
@@ -103,6 +108,10 @@ pub struct Metrics {
     snapshot_failures: Counter,
     snapshots_written: Counter,
     snapshot_last_success: Gauge<f64, AtomicU64>,
+    snapshot_failures_in_a_row: Gauge,
+    accept_errors: Counter,
+    connections_closed_early: Family<ReasonLabels, Counter>,
+    connections_open: Gauge,
 }
 
 impl Default for Metrics {
@@ -127,6 +136,10 @@ impl Metrics {
             snapshot_failures: Counter::default(),
             snapshots_written: Counter::default(),
             snapshot_last_success: Gauge::default(),
+            snapshot_failures_in_a_row: Gauge::default(),
+            accept_errors: Counter::default(),
+            connections_closed_early: Family::default(),
+            connections_open: Gauge::default(),
         };
         // Series of both losses exist from the start, so that a dashboard shows 0 rather than
         // "no data" and rate() sees the first increment.
@@ -212,6 +225,29 @@ impl Metrics {
             "Unix time of the last snapshot written (0: none yet)",
             self.snapshot_last_success.clone(),
         );
+        registry.register(
+            "snapshot_consecutive_failures",
+            "Snapshots that failed since the last one written; at --max-snapshot-failures the \
+             server reports not ready",
+            self.snapshot_failures_in_a_row.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Accepts on the gRPC port that failed for want of descriptors or memory (each one \
+             backs off)",
+            self.accept_errors.clone(),
+        );
+        registry.register(
+            "connections_closed_early",
+            "gRPC connections closed before serving: at_limit (--max-connections), \
+             handshake_timeout, evicted_in_handshake (its slot went to a newer connection)",
+            self.connections_closed_early.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "gRPC connections open, handshaking ones included",
+            self.connections_open.clone(),
+        );
         if let Some(density) = density {
             registry.register_collector(Box::new(density));
         }
@@ -248,6 +284,30 @@ impl Metrics {
 
     pub fn snapshot_failed(&self) {
         self.snapshot_failures.inc();
+    }
+
+    pub fn snapshot_failures_in_a_row(&self, failures: u64) {
+        self.snapshot_failures_in_a_row
+            .set(i64::try_from(failures).unwrap_or(i64::MAX));
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.inc();
+    }
+
+    /// `reason` is one of a fixed few, so that no client can create series.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_closed_early
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
     }
 }
 

@@ -87,16 +87,16 @@ impl Store {
             dir: dir.to_owned(),
             source,
         })?;
+        ignore_file_size_signal();
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| PersistError::Lock {
-                path: lock_path.clone(),
-                source,
-            })?;
+        let lock = open_regular(
+            &lock_path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+        )
+        .map_err(|source| PersistError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -141,7 +141,7 @@ impl Store {
     }
 
     fn load(&self, discard_corrupt: bool) -> Result<Loaded, PersistError> {
-        let bytes = match fs::read(&self.state) {
+        let bytes = match read_regular(&self.state) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == io::ErrorKind::NotFound => {
                 return Ok(Loaded {
@@ -209,12 +209,84 @@ impl Store {
             let path = path.to_owned();
             move |source| PersistError::Write { path, source }
         };
-        let mut file = File::create(&self.temp).map_err(wrap(&self.temp))?;
+        let mut file = open_regular(
+            &self.temp,
+            OpenOptions::new().create(true).truncate(true).write(true),
+        )
+        .map_err(wrap(&self.temp))?;
         file.write_all(bytes).map_err(wrap(&self.temp))?;
         file.sync_all().map_err(wrap(&self.temp))?;
         drop(file);
         fs::rename(&self.temp, &self.state).map_err(wrap(&self.state))?;
         sync_dir(&self.dir).map_err(wrap(&self.dir))
+    }
+}
+
+/// Opens `path` only if it is a regular file, and never blocks: a FIFO (or a device) at the
+/// state, temp or lock path would otherwise hang the start, or the snapshot task, without a
+/// word.
+fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    match fs::metadata(path) {
+        Ok(metadata) => refuse_unless_regular(&metadata)?,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path)?;
+    // Checked again on what was opened, in case the path changed in between.
+    refuse_unless_regular(&file.metadata()?)?;
+    Ok(file)
+}
+
+fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(path, OpenOptions::new().read(true))?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn refuse_unless_regular(metadata: &fs::Metadata) -> io::Result<()> {
+    let kind = metadata.file_type();
+    if kind.is_file() {
+        return Ok(());
+    }
+    let what = if kind.is_dir() {
+        "a directory"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_block_device() || kind.is_char_device() {
+                "a device"
+            } else {
+                "not a file"
+            }
+        }
+        #[cfg(not(unix))]
+        "not a file"
+    };
+    Err(io::Error::other(format!(
+        "it is {what}, not a regular file; remove it or choose another --data-dir"
+    )))
+}
+
+/// A write past RLIMIT_FSIZE (`ulimit -f`) sends SIGXFSZ, whose default action kills the
+/// process with every unsaved step; ignored, the write fails with EFBIG instead, which the
+/// snapshot task reports and counts like any other write error.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler and touches no
+    // memory; the only signal concerned is one ghmd never handles elsewhere.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

@@ -1,5 +1,10 @@
 //! Loading the data dir into the registry at start, and the task that writes the registry back
 //! every `--snapshot-interval` when it changed, and once more when the server stops.
+//!
+//! Snapshots that keep failing (a full or read-only disk, a file-size limit) widen what a
+//! restart would lose with every acknowledged step; after `--max-snapshot-failures` in a row
+//! the server reports not ready, so that an orchestrator moves its clients, and ready again
+//! after the next snapshot that succeeds.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::{PersistError, Store, write_if_changed};
 use crate::jobs::Registry;
 use crate::metrics::Metrics;
+use crate::probes::Readiness;
 use crate::shutdown::Shutdown;
 
 pub struct Snapshotter {
@@ -16,6 +22,9 @@ pub struct Snapshotter {
     metrics: Metrics,
     /// The bytes on disk, so that an unchanged state is not written again.
     last: Vec<u8>,
+    /// What failing snapshots turn not ready, and after how many in a row.
+    readiness: Option<(Readiness, u64)>,
+    failures_in_a_row: u64,
 }
 
 impl Snapshotter {
@@ -79,7 +88,55 @@ impl Snapshotter {
             registry,
             metrics,
             last: on_disk,
+            readiness: None,
+            failures_in_a_row: 0,
         }
+    }
+
+    /// After `max_failures` failed snapshots in a row, `readiness` reports not ready until
+    /// one succeeds.
+    pub fn with_readiness(mut self, readiness: Readiness, max_failures: u32) -> Self {
+        self.readiness = Some((readiness, u64::from(max_failures.max(1))));
+        self
+    }
+
+    /// Counts a periodic snapshot's outcome toward the not-ready threshold.
+    fn record(&mut self, result: &Result<bool, PersistError>) {
+        let Some((readiness, max_failures)) = &self.readiness else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                if self.failures_in_a_row >= *max_failures {
+                    tracing::warn!(
+                        failed = self.failures_in_a_row,
+                        "a snapshot succeeded again: ready"
+                    );
+                }
+                self.failures_in_a_row = 0;
+                readiness.set_snapshot_failure(None);
+            }
+            Err(error) => {
+                self.failures_in_a_row += 1;
+                if self.failures_in_a_row >= *max_failures {
+                    let why = format!(
+                        "the last {} snapshots failed (--max-snapshot-failures {}); the latest: \
+                         {error}",
+                        self.failures_in_a_row, max_failures
+                    );
+                    if self.failures_in_a_row == *max_failures {
+                        tracing::error!(
+                            "{why}. Reporting NOT READY (/readyz 503, Harmonizer health NOT_SERVING) \
+                             until a snapshot succeeds: steps acknowledged since the last \
+                             snapshot would be lost by a restart"
+                        );
+                    }
+                    readiness.set_snapshot_failure(Some(why));
+                }
+            }
+        }
+        self.metrics
+            .snapshot_failures_in_a_row(self.failures_in_a_row);
     }
 
     /// Writes the state if it changed; `Ok(true)` if it wrote. The work runs on the blocking
@@ -132,9 +189,11 @@ impl Snapshotter {
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    if let Err(error) = self.snapshot().await {
+                    let result = self.snapshot().await;
+                    if let Err(error) = &result {
                         tracing::error!(%error, "snapshot failed");
                     }
+                    self.record(&result);
                 }
                 () = shutdown.recv() => return self,
             }

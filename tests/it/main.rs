@@ -10,6 +10,7 @@ mod conformance;
 mod discovery;
 mod faults;
 mod fuzz_regressions;
+mod hardening;
 mod health_command;
 mod hostile;
 mod lifecycle;

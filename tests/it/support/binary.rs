@@ -48,7 +48,9 @@ impl Launch {
         self
     }
 
-    fn command(&self) -> Command {
+    /// The command [`Launch::start`] runs, for a test that adds to it (limits set in the child)
+    /// and starts it with [`Launch::start_command`].
+    pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ghmd"));
         command.args([
             "serve",
@@ -74,7 +76,13 @@ impl Launch {
 
     /// Starts ghmd and waits until both listeners are up.
     pub fn start(self) -> Ghmd {
-        let mut child = self.command().spawn().expect("spawn ghmd");
+        Self::start_command(self.command())
+    }
+
+    /// Starts a [`Launch::command`] the caller has added to, and waits until both listeners
+    /// are up.
+    pub fn start_command(mut command: Command) -> Ghmd {
+        let mut child = command.spawn().expect("spawn ghmd");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -155,6 +163,15 @@ impl Ghmd {
     /// ghmd on `data_dir` expected to refuse to start: its status and stderr.
     pub fn run_to_exit(data_dir: &Path, extra: &[&str]) -> (ExitStatus, String) {
         Launch::with_data_dir(data_dir).args(extra).run_to_exit()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if ghmd has exited.
+    pub fn has_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for ghmd")
     }
 
     pub fn uri(&self) -> String {

@@ -139,6 +139,7 @@ fn histogram_request(
             tot: counts.tot,
         })),
         label_weights: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -784,6 +785,7 @@ async fn sixty_four_jobs_of_eight_ranks_run_a_hundred_steps_at_once() {
                             rank,
                             input: Some(Input::Histogram(Histogram { counts, tot })),
                             label_weights: Default::default(),
+                            ..Default::default()
                         })
                         .await
                         .expect("send");
@@ -840,6 +842,7 @@ async fn asynchronous_jobs_reject_a_world_size_update_and_a_next_step() {
                 steps: 1,
                 elements: 1,
                 next_step: 5,
+                ..Default::default()
             }),
         })
         .await

@@ -11,7 +11,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::HarmonizerService;
+use crate::api::{HarmonizerService, Routing};
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::config::ServeConfig;
 use crate::jobs::Registry;
@@ -186,9 +186,19 @@ impl Server {
         let reflection = reflection_builder().build_v1()?;
         let reflection_alpha = reflection_builder().build_v1alpha()?;
         let reaper = registry.spawn_reaper(config.job_ttl, stopped.signal());
-        let harmonizer = HarmonizerServer::new(HarmonizerService::new(registry))
-            .max_decoding_message_size(config.max_recv_message_bytes)
-            .max_encoding_message_size(config.max_send_message_bytes);
+        // Open streams end at a message boundary once the server drains, after readiness and
+        // health have dropped, so that an idle one does not hold the exit.
+        let harmonizer = HarmonizerServer::new(
+            HarmonizerService::new(registry)
+                .with_routing(Routing::new(
+                    config.require_job_header,
+                    Arc::new(metrics.clone()),
+                ))
+                .with_run_takeover_after(config.run_takeover_after)
+                .with_drain(draining.signal()),
+        )
+        .max_decoding_message_size(config.max_recv_message_bytes)
+        .max_encoding_message_size(config.max_send_message_bytes);
         // Health stays open for probes; the Harmonizer and reflection need a token when there
         // is a tokens file (reflection shows only the public contract, but an unknown caller
         // has no use for it).

@@ -7,6 +7,7 @@
 //! registry once, after the job registry exists, because the density collector needs it.
 
 mod density;
+mod failover;
 mod grpc_layer;
 
 use std::sync::Arc;
@@ -25,7 +26,8 @@ pub use density::JobDensity;
 pub use grpc_layer::{GrpcMetricsLayer, code_name};
 
 use crate::ghm::Loss;
-use crate::jobs::StepObserver;
+use crate::jobs::{ReseedOutcome, StepObserver};
+use failover::FailoverMetrics;
 
 /// Request latencies: from 100 µs (a histogram input) to minutes (a step-synchronous step
 /// waiting for a slow rank, or a long-lived stream).
@@ -103,6 +105,7 @@ pub struct Metrics {
     snapshot_failures: Counter,
     snapshots_written: Counter,
     snapshot_last_success: Gauge<f64, AtomicU64>,
+    failover: FailoverMetrics,
 }
 
 impl Default for Metrics {
@@ -127,6 +130,7 @@ impl Metrics {
             snapshot_failures: Counter::default(),
             snapshots_written: Counter::default(),
             snapshot_last_success: Gauge::default(),
+            failover: FailoverMetrics::new(),
         };
         // Series of both losses exist from the start, so that a dashboard shows 0 rather than
         // "no data" and rate() sees the first increment.
@@ -212,6 +216,7 @@ impl Metrics {
             "Unix time of the last snapshot written (0: none yet)",
             self.snapshot_last_success.clone(),
         );
+        self.failover.register(&mut registry);
         if let Some(density) = density {
             registry.register_collector(Box::new(density));
         }
@@ -280,6 +285,18 @@ impl StepObserver for Metrics {
 
     fn jobs_reaped(&self, count: u64) {
         self.jobs_reaped.inc_by(count);
+    }
+
+    fn job_reseeded(&self, outcome: ReseedOutcome) {
+        self.failover.reseeded(outcome);
+    }
+
+    fn fenced_refusal(&self, not_here: bool) {
+        self.failover.fenced_refusal(not_here);
+    }
+
+    fn run_taken_over(&self) {
+        self.failover.run_taken_over();
     }
 }
 

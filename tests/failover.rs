@@ -1,0 +1,515 @@
+//! The real ghmd binary killed with real signals: a SIGTERM with open streams (they end at a
+//! message boundary with UNAVAILABLE, and the replica exits without waiting out its grace), and
+//! a single server killed with -9 and restarted behind its clients, whose HealingSessions go on
+//! with no acknowledged step lost and every weight equal to a never-failing server's.
+
+mod common;
+mod ops_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use ghmd::client::{HealingOptions, HealingSession, job_request};
+use ghmd::proto::harmonize_request::Input;
+use ghmd::proto::{self, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const BINS: u32 = 10;
+
+fn spec(world_size: u32, allow_partial: bool, timeout_ms: i32) -> JobSpec {
+    JobSpec {
+        loss: proto::Loss::GhmC.into(),
+        bins: BINS,
+        momentum: 0.75,
+        world_size,
+        allow_partial_steps: allow_partial,
+        step_timeout: Some(prost_types::Duration {
+            seconds: i64::from(timeout_ms / 1000),
+            nanos: (timeout_ms % 1000) * 1_000_000,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A histogram that differs by step and rank, so that a lost, doubled or mixed-up step shows.
+fn counts(step: u64, rank: u32) -> (Vec<u64>, f64) {
+    let counts: Vec<u64> = (0..u64::from(BINS))
+        .map(|bin| (bin * 13 + step * 7 + u64::from(rank) * 3) % 17)
+        .collect();
+    let tot = counts.iter().sum::<u64>() as f64;
+    (counts, tot)
+}
+
+fn histogram_request(job_id: &str, step: u64, rank: u32) -> HarmonizeRequest {
+    let (counts, tot) = counts(step, rank);
+    HarmonizeRequest {
+        job_id: job_id.to_owned(),
+        step,
+        rank,
+        input: Some(Input::Histogram(Histogram { counts, tot })),
+        ..Default::default()
+    }
+}
+
+/// The ghmd binary on a given port (0: any), so that a restart comes back where its clients
+/// look for it.
+struct Replica {
+    child: Child,
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    (fields.get("message")?.as_str()? == message)
+        .then(|| fields.get("addr")?.as_str()?.parse().ok())
+        .flatten()
+}
+
+impl Replica {
+    fn start(data_dir: &Path, port: u16, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ghmd"))
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ghmd");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().expect("log lock").push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let (mut addr, mut metrics_addr) = (None, None);
+        while addr.is_none() || metrics_addr.is_none() {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    addr = addr.or(logged_addr(&line, "ghmd serving gRPC"));
+                    metrics_addr = metrics_addr.or(logged_addr(
+                        &line,
+                        "ghmd serving /metrics, /healthz and /readyz",
+                    ));
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "ghmd did not start:\n{}",
+                        log.lock().expect("log lock").join("\n")
+                    );
+                }
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("gRPC address"),
+            metrics_addr: metrics_addr.expect("metrics address"),
+            log,
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {signal}");
+    }
+
+    /// Waits without blocking the runtime, whose tasks hold the client side of the streams.
+    async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for ghmd") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ghmd did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.wait().await;
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A HarmonizeStream fed by hand: requests go in when the test says.
+struct OpenStream {
+    requests: mpsc::Sender<HarmonizeRequest>,
+    responses: tonic::Streaming<HarmonizeResponse>,
+}
+
+async fn open_stream(uri: &str, job_id: &str) -> OpenStream {
+    let mut client = ghmd::client::Client::connect(uri.to_owned())
+        .await
+        .expect("connect");
+    let (requests, inbound) = mpsc::channel(4);
+    let responses = client
+        .raw()
+        .harmonize_stream(job_request(job_id, ReceiverStream::new(inbound)))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    OpenStream {
+        requests,
+        responses,
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_grace() {
+    let dir = ops_support::TempDir::new("sigterm-streams");
+    let mut replica = Replica::start(dir.path(), 0, &["--shutdown-grace", "20s"]);
+    let uri = replica.uri();
+    let mut client = ghmd::client::Client::connect(uri.clone())
+        .await
+        .expect("connect");
+    client
+        .create_job("drain/idle", spec(1, false, 60_000))
+        .await
+        .expect("create");
+    // A step-synchronous job whose rank 1 never comes: its step is applied partially when the
+    // step timeout passes, after the SIGTERM.
+    client
+        .create_job("drain/busy", spec(2, true, 1500))
+        .await
+        .expect("create");
+
+    // Three streams that each had an answer and now wait for their next request.
+    let mut idle = Vec::new();
+    for step in 0..3 {
+        let mut stream = open_stream(&uri, "drain/idle").await;
+        stream
+            .requests
+            .send(histogram_request("drain/idle", step, 0))
+            .await
+            .expect("send");
+        stream
+            .responses
+            .next()
+            .await
+            .expect("an answer")
+            .expect("weighed");
+        idle.push(stream);
+    }
+    // One stream in the middle of a step.
+    let mut busy = open_stream(&uri, "drain/busy").await;
+    busy.requests
+        .send(histogram_request("drain/busy", 0, 0))
+        .await
+        .expect("send");
+    let (status, _, _) = ops_support::http_get(replica.metrics_addr, "/readyz", None).await;
+    assert_eq!(status, 200);
+
+    let signalled = Instant::now();
+    replica.signal("-TERM");
+    // Readiness drops before anything else stops.
+    let mut readiness_dropped = false;
+    for _ in 0..200 {
+        match tokio::net::TcpStream::connect(replica.metrics_addr).await {
+            Ok(_) => {
+                let (status, _, _) =
+                    ops_support::http_get(replica.metrics_addr, "/readyz", None).await;
+                if status == 503 {
+                    readiness_dropped = true;
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for (index, stream) in idle.iter_mut().enumerate() {
+        let ended = stream.responses.next().await.expect("a final status");
+        let status = ended.expect_err("the stream ends");
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "idle stream {index}: {status:?}"
+        );
+        assert!(status.message().contains("shutting down"), "{status:?}");
+    }
+    let idle_ended = signalled.elapsed();
+    // The busy stream gets its step's answer (partial, without rank 1), then UNAVAILABLE.
+    let answer = busy
+        .responses
+        .next()
+        .await
+        .expect("the step's answer")
+        .expect("weighed");
+    assert_eq!((answer.step, answer.missing_ranks.clone()), (0, vec![1]));
+    let ended = busy.responses.next().await.expect("a final status");
+    assert_eq!(ended.expect_err("ends").code(), Code::Unavailable);
+
+    let exit = replica.wait().await;
+    let exited = signalled.elapsed();
+    let log = replica.log();
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(
+        !log.contains("outlived the shutdown grace"),
+        "open streams held the exit:\n{log}"
+    );
+    println!(
+        "SIGTERM: readiness dropped first: {readiness_dropped}; idle streams ended after \
+         {idle_ended:?}; exited after {exited:?} (one stream waited for a 1.5 s step timeout; \
+         grace 20 s)"
+    );
+
+    // Only idle streams: the exit follows the signal at once.
+    let mut replica = Replica::start(dir.path(), 0, &["--shutdown-grace", "20s"]);
+    let uri = replica.uri();
+    let mut streams = Vec::new();
+    for step in 0..4 {
+        let mut stream = open_stream(&uri, "drain/idle").await;
+        stream
+            .requests
+            .send(histogram_request("drain/idle", 10 + step, 0))
+            .await
+            .expect("send");
+        stream
+            .responses
+            .next()
+            .await
+            .expect("answer")
+            .expect("weighed");
+        streams.push(stream);
+    }
+    let signalled = Instant::now();
+    replica.signal("-TERM");
+    for stream in &mut streams {
+        let status = stream
+            .responses
+            .next()
+            .await
+            .expect("a final status")
+            .expect_err("ends");
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    let exit = replica.wait().await;
+    let exited = signalled.elapsed();
+    assert!(exit.success());
+    assert!(!replica.log().contains("outlived the shutdown grace"));
+    assert!(exited < Duration::from_secs(20), "exited within the grace");
+    println!("SIGTERM with 4 idle open streams: exited after {exited:?} (goal: under 1 s)");
+}
+
+/// One rank's session through the whole run: every response it acknowledged, by step.
+type Acknowledged = Arc<Mutex<Vec<(u64, u32, HarmonizeResponse)>>>;
+
+async fn run_rank(
+    session: &mut HealingSession,
+    rank: u32,
+    steps: std::ops::Range<u64>,
+    acknowledged: &Acknowledged,
+    progress: &tokio::sync::watch::Sender<u64>,
+) {
+    for step in steps {
+        let (counts, tot) = counts(step, rank);
+        let response = session
+            .harmonize_histogram(step, rank, counts, tot)
+            .await
+            .unwrap_or_else(|error| panic!("rank {rank}, step {step}: {error}"));
+        acknowledged
+            .lock()
+            .expect("lock")
+            .push((step, rank, response));
+        if rank == 0 {
+            let _ = progress.send(step);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_step() {
+    const JOB: &str = "heal/job";
+    const RANKS: u32 = 2;
+    const STEPS: u64 = 60;
+    let dir = ops_support::TempDir::new("kill9-heal");
+    // Snapshots only at a clean stop: a kill -9 loses every step after it.
+    let flags = ["--snapshot-interval", "1h", "--shutdown-grace", "5s"];
+    let replica = Replica::start(dir.path(), 0, &flags);
+    let port = replica.addr.port();
+    let uri = replica.uri();
+    let spec = spec(RANKS, false, 30_000);
+    let options = HealingOptions {
+        deadline: Duration::from_secs(60),
+        ..HealingOptions::default()
+    };
+    let mut sessions = Vec::new();
+    for _ in 0..RANKS {
+        sessions.push(
+            HealingSession::create(uri.clone(), JOB, spec.clone(), "run-1", options.clone())
+                .await
+                .expect("session"),
+        );
+    }
+    let acknowledged: Acknowledged = Arc::default();
+    let (progress, watched) = tokio::sync::watch::channel(0u64);
+
+    // Runs every rank over `steps` at once.
+    async fn phase(
+        sessions: Vec<HealingSession>,
+        steps: std::ops::Range<u64>,
+        acknowledged: &Acknowledged,
+        progress: &tokio::sync::watch::Sender<u64>,
+    ) -> Vec<HealingSession> {
+        let tasks: Vec<_> = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut session)| {
+                let acknowledged = Arc::clone(acknowledged);
+                let progress = progress.clone();
+                let steps = steps.clone();
+                tokio::spawn(async move {
+                    run_rank(&mut session, rank as u32, steps, &acknowledged, &progress).await;
+                    session
+                })
+            })
+            .collect();
+        let mut sessions = Vec::new();
+        for task in tasks {
+            sessions.push(task.await.expect("rank task"));
+        }
+        sessions
+    }
+
+    // Steps 0-9, then a clean stop: the state file holds 10 steps.
+    let sessions = phase(sessions, 0..10, &acknowledged, &progress).await;
+    replica.signal("-TERM");
+    let mut replica = replica;
+    assert!(replica.wait().await.success());
+    // Back on its port with all of them; steps 10-24 on it, then kill -9: those are lost there.
+    let replica = Replica::start(dir.path(), port, &flags);
+    let sessions = phase(sessions, 10..25, &acknowledged, &progress).await;
+    replica.kill9().await;
+    // Back behind its clients (10 steps where they saw 25): fenced, reseeded, healed. And
+    // killed once more while the ranks run.
+    let replica = Replica::start(dir.path(), port, &flags);
+    let fault = {
+        let dir = dir.path().to_owned();
+        let mut watched = watched.clone();
+        tokio::spawn(async move {
+            let _ = watched.wait_for(|step| *step >= 40).await;
+            replica.kill9().await;
+            Replica::start(&dir, port, &flags)
+        })
+    };
+    let sessions = phase(sessions, 25..STEPS, &acknowledged, &progress).await;
+    let replica = fault.await.expect("fault task");
+    let reseeds: u64 = sessions.iter().map(HealingSession::reseeds).sum();
+    assert!(reseeds > 0, "the copy that came back behind was reseeded");
+
+    // The same run against a server that never failed.
+    let reference = TestServer::start().await;
+    let client = reference.client().await;
+    client
+        .clone()
+        .create_job(JOB, spec.clone())
+        .await
+        .expect("create");
+    let mut expected = std::collections::BTreeMap::new();
+    for step in 0..STEPS {
+        let tasks: Vec<_> = (0..RANKS)
+            .map(|rank| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let response = client
+                        .harmonize(histogram_request(JOB, step, rank))
+                        .await
+                        .expect("reference step");
+                    (rank, response)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (rank, response) = task.await.expect("reference rank");
+            expected.insert((step, rank), response);
+        }
+    }
+
+    let acknowledged = acknowledged.lock().expect("lock");
+    assert_eq!(
+        acknowledged.len() as u64,
+        STEPS * u64::from(RANKS),
+        "one answer per step"
+    );
+    for (step, rank, got) in acknowledged.iter() {
+        let want = &expected[&(*step, *rank)];
+        assert_eq!(got.step, *step);
+        assert_eq!(
+            common::bits(&got.bin_weights),
+            common::bits(&want.bin_weights),
+            "step {step} rank {rank}: weights differ from a never-failing server's"
+        );
+        assert_eq!(common::bits(&got.acc_sum), common::bits(&want.acc_sum));
+        assert_eq!(
+            got.steps, want.steps,
+            "step {step}: no step lost or doubled"
+        );
+        assert_eq!(got.tot.to_bits(), want.tot.to_bits());
+    }
+    let mut healed = ghmd::client::Client::connect(replica.uri())
+        .await
+        .expect("connect");
+    let end = healed.get_job(JOB).await.expect("the job is there");
+    let want = client.clone().get_job(JOB).await.expect("reference");
+    let (end, want) = (end.state.expect("state"), want.state.expect("state"));
+    assert_eq!((end.steps, end.next_step), (want.steps, want.next_step));
+    assert_eq!(end.steps, STEPS);
+    assert_eq!(common::bits(&end.acc_sum), common::bits(&want.acc_sum));
+    let (_, _, metrics) = ops_support::http_get(replica.metrics_addr, "/metrics", None).await;
+    println!(
+        "kill -9 twice, {STEPS} steps of {RANKS} ranks: {reseeds} reseeds by the sessions; \
+         final generation {}; the last replica's reseed counters: {}",
+        end.generation,
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("ghmd_reseeds_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}

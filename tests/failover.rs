@@ -379,10 +379,16 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
         deadline: Duration::from_secs(60),
         ..HealingOptions::default()
     };
+    // Rank 0 sends one Harmonize call per step, rank 1 keeps one HarmonizeStream open (which
+    // the SIGTERM ends at a message boundary and each kill cuts).
     let mut sessions = Vec::new();
-    for _ in 0..RANKS {
+    for rank in 0..RANKS {
+        let options = HealingOptions {
+            stream: rank == 1,
+            ..options.clone()
+        };
         sessions.push(
-            HealingSession::create(uri.clone(), JOB, spec.clone(), "run-1", options.clone())
+            HealingSession::create(uri.clone(), JOB, spec.clone(), "run-1", options)
                 .await
                 .expect("session"),
         );

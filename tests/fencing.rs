@@ -801,3 +801,52 @@ async fn a_state_file_of_the_previous_format_loads_at_generation_1() {
     assert_eq!((responses[0].generation, responses[0].steps), (1, 4));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn reseeding_needs_the_same_rights_as_creating() {
+    const TEAM: &str = "team-a-secret-0123456789abcdef";
+    let dir = ops_support::TempDir::new("reseed-tokens");
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(
+        &path,
+        format!("[[token]]\nname = \"team-a\"\ntoken = {TEAM:?}\nprefixes = [\"team-a/\"]\n"),
+    )
+    .expect("write tokens");
+    let server = TestServer::start_with(|config| config.tokens_file = Some(path)).await;
+    let mut open = server.client().await;
+    let mut team = Client::with_credentials(
+        server.channel().await,
+        ghmd::client::Credentials::bearer(TEAM).expect("token"),
+    );
+    let state = JobState {
+        acc_sum: vec![0.5; BINS as usize],
+        steps: 3,
+        generation: 1,
+        ..Default::default()
+    };
+    expect_refusal(
+        open.reseed_job(reseed_request("team-a/x", spec(1), "", state.clone()))
+            .await,
+        Code::Unauthenticated,
+        None,
+        &[],
+    );
+    expect_refusal(
+        team.reseed_job(reseed_request("team-b/x", spec(1), "", state.clone()))
+            .await,
+        Code::PermissionDenied,
+        None,
+        &["team-a/"],
+    );
+    let job = team
+        .reseed_job(reseed_request("team-a/x", spec(1), "", state))
+        .await
+        .expect("its own prefix");
+    assert_eq!(state_of(&job).generation, 2);
+    expect_refusal(
+        team.get_job("team-b/x").await,
+        Code::PermissionDenied,
+        None,
+        &[],
+    );
+}

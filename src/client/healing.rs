@@ -9,9 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming};
 
-use super::{Client, ClientError, ClientOptions};
+use super::{Client, ClientError, ClientOptions, job_request};
 use crate::api::error_info::{JOB_NOT_HERE, RUN_ACTIVE, RUN_REPLACED, STALE_COPY, reason_of};
 use crate::proto::{
     AppliedStep, HarmonizeRequest, HarmonizeResponse, Job, JobSpec, JobState, ReseedJobRequest,
@@ -26,6 +28,9 @@ pub struct HealingOptions {
     /// The first pause between attempts; it doubles up to `max_backoff`.
     pub first_backoff: Duration,
     pub max_backoff: Duration,
+    /// Send the steps on one HarmonizeStream (reopened after a failure) instead of one
+    /// Harmonize call each.
+    pub stream: bool,
 }
 
 impl Default for HealingOptions {
@@ -35,6 +40,7 @@ impl Default for HealingOptions {
             deadline: Duration::from_secs(60),
             first_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(500),
+            stream: false,
         }
     }
 }
@@ -107,6 +113,14 @@ pub struct HealingSession {
     /// Step-synchronous jobs: the last acknowledged step, for a reseed to answer its retries.
     last_step: Option<AppliedStep>,
     reseeds: u64,
+    /// With `HealingOptions::stream`: the open stream, if any.
+    stream: Option<OpenStream>,
+}
+
+/// A HarmonizeStream carrying one request at a time.
+struct OpenStream {
+    requests: mpsc::Sender<HarmonizeRequest>,
+    responses: Streaming<HarmonizeResponse>,
 }
 
 /// Attempts and pauses within one call's healing deadline.
@@ -172,6 +186,7 @@ impl HealingSession {
             acknowledged: JobState::default(),
             last_step: None,
             reseeds: 0,
+            stream: None,
         };
         let mut attempts = Attempts::new(&session.options);
         loop {
@@ -229,8 +244,50 @@ impl HealingSession {
     }
 
     fn reconnect(&mut self) -> Result<(), HealingError> {
+        self.stream = None;
         self.client = Client::connect_lazy_with(self.target.clone(), &self.options.client)?;
         Ok(())
+    }
+
+    /// One attempt, on the session's stream or as one call. A stream that failed is dropped:
+    /// the server ends a stream at its first error, and a proxy may have cut it.
+    async fn send(&mut self, request: HarmonizeRequest) -> Result<HarmonizeResponse, Status> {
+        if !self.options.stream {
+            return self.client.harmonize(request).await;
+        }
+        let result = self.send_on_stream(request).await;
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn send_on_stream(
+        &mut self,
+        request: HarmonizeRequest,
+    ) -> Result<HarmonizeResponse, Status> {
+        let stream = match self.stream.as_mut() {
+            Some(stream) => stream,
+            None => {
+                let (requests, inbound) = mpsc::channel(1);
+                let responses = self
+                    .client
+                    .raw()
+                    .harmonize_stream(job_request(&self.job_id, ReceiverStream::new(inbound)))
+                    .await?
+                    .into_inner();
+                self.stream.insert(OpenStream {
+                    requests,
+                    responses,
+                })
+            }
+        };
+        let ended = || Status::unavailable("the stream ended without answering the request");
+        if stream.requests.send(request).await.is_err() {
+            // The stream is gone; its final status says why, if it came.
+            return Err(stream.responses.message().await.err().unwrap_or_else(ended));
+        }
+        stream.responses.message().await?.ok_or_else(ended)
     }
 
     fn acknowledge_job(&mut self, job: &Job) {
@@ -292,7 +349,7 @@ impl HealingSession {
                     needs_reseed = false;
                     request.expected_generation = self.acknowledged.generation;
                     request.expected_steps = self.acknowledged.steps;
-                    match self.client.harmonize(request.clone()).await {
+                    match self.send(request.clone()).await {
                         Ok(response) => {
                             self.acknowledge(&response);
                             return Ok(response);

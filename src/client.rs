@@ -102,6 +102,22 @@ impl Interceptor for Credentials {
     }
 }
 
+/// Where and how to connect, with the credentials to send.
+fn endpoint(
+    target: String,
+    options: &ClientOptions,
+) -> Result<(Endpoint, Credentials), ClientError> {
+    let credentials = match &options.token {
+        Some(token) => Credentials::bearer(token)?,
+        None => Credentials::default(),
+    };
+    let mut endpoint = Endpoint::from_shared(target)?;
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok((endpoint, credentials))
+}
+
 /// The channel under the typed client: a connection plus the caller's credentials.
 pub type Transport = InterceptedService<Channel, Credentials>;
 
@@ -122,14 +138,7 @@ impl Client {
         target: impl Into<String>,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        let credentials = match &options.token {
-            Some(token) => Credentials::bearer(token)?,
-            None => Credentials::default(),
-        };
-        let mut endpoint = Endpoint::from_shared(target.into())?;
-        if let Some(tls) = &options.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
+        let (endpoint, credentials) = endpoint(target.into(), options)?;
         let channel = endpoint.connect().await?;
         Ok(Self::with_credentials(channel, credentials))
     }
@@ -140,14 +149,7 @@ impl Client {
         target: impl Into<String>,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        let credentials = match &options.token {
-            Some(token) => Credentials::bearer(token)?,
-            None => Credentials::default(),
-        };
-        let mut endpoint = Endpoint::from_shared(target.into())?;
-        if let Some(tls) = &options.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
+        let (endpoint, credentials) = endpoint(target.into(), options)?;
         Ok(Self::with_credentials(endpoint.connect_lazy(), credentials))
     }
 

@@ -4,178 +4,21 @@
 //! with no acknowledged step lost and every weight equal to a never-failing server's.
 
 mod common;
+mod lineage_support;
 mod ops_support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
 use ghmd::client::{HealingOptions, HealingSession, job_request};
-use ghmd::proto::harmonize_request::Input;
-use ghmd::proto::{self, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec};
+use ghmd::proto::{HarmonizeRequest, HarmonizeResponse};
+use lineage_support::{counts, histogram_request, spec_with_timeout};
+use ops_support::Ghmd;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-
-const BINS: u32 = 10;
-
-fn spec(world_size: u32, allow_partial: bool, timeout_ms: i32) -> JobSpec {
-    JobSpec {
-        loss: proto::Loss::GhmC.into(),
-        bins: BINS,
-        momentum: 0.75,
-        world_size,
-        allow_partial_steps: allow_partial,
-        step_timeout: Some(prost_types::Duration {
-            seconds: i64::from(timeout_ms / 1000),
-            nanos: (timeout_ms % 1000) * 1_000_000,
-        }),
-        ..Default::default()
-    }
-}
-
-/// A histogram that differs by step and rank, so that a lost, doubled or mixed-up step shows.
-fn counts(step: u64, rank: u32) -> (Vec<u64>, f64) {
-    let counts: Vec<u64> = (0..u64::from(BINS))
-        .map(|bin| (bin * 13 + step * 7 + u64::from(rank) * 3) % 17)
-        .collect();
-    let tot = counts.iter().sum::<u64>() as f64;
-    (counts, tot)
-}
-
-fn histogram_request(job_id: &str, step: u64, rank: u32) -> HarmonizeRequest {
-    let (counts, tot) = counts(step, rank);
-    HarmonizeRequest {
-        job_id: job_id.to_owned(),
-        step,
-        rank,
-        input: Some(Input::Histogram(Histogram { counts, tot })),
-        ..Default::default()
-    }
-}
-
-/// The ghmd binary on a given port (0: any), so that a restart comes back where its clients
-/// look for it.
-struct Replica {
-    child: Child,
-    addr: SocketAddr,
-    metrics_addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    let fields = value.get("fields")?;
-    (fields.get("message")?.as_str()? == message)
-        .then(|| fields.get("addr")?.as_str()?.parse().ok())
-        .flatten()
-}
-
-impl Replica {
-    fn start(data_dir: &Path, port: u16, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ghmd"))
-            .args(["serve", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ghmd");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    log.lock().expect("log lock").push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let (mut addr, mut metrics_addr) = (None, None);
-        while addr.is_none() || metrics_addr.is_none() {
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) => {
-                    addr = addr.or(logged_addr(&line, "ghmd serving gRPC"));
-                    metrics_addr = metrics_addr.or(logged_addr(
-                        &line,
-                        "ghmd serving /metrics, /healthz and /readyz",
-                    ));
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "ghmd did not start:\n{}",
-                        log.lock().expect("log lock").join("\n")
-                    );
-                }
-            }
-        }
-        Self {
-            child,
-            addr: addr.expect("gRPC address"),
-            metrics_addr: metrics_addr.expect("metrics address"),
-            log,
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill {signal}");
-    }
-
-    /// Waits without blocking the runtime, whose tasks hold the client side of the streams.
-    async fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for ghmd") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ghmd did not exit:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.wait().await;
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// A HarmonizeStream fed by hand: requests go in when the test says.
 struct OpenStream {
@@ -203,19 +46,19 @@ async fn open_stream(uri: &str, job_id: &str) -> OpenStream {
 #[tokio::test]
 async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_grace() {
     let dir = ops_support::TempDir::new("sigterm-streams");
-    let mut replica = Replica::start(dir.path(), 0, &["--shutdown-grace", "20s"]);
+    let mut replica = Ghmd::start_on(dir.path(), 0, &["--shutdown-grace", "20s"]);
     let uri = replica.uri();
     let mut client = ghmd::client::Client::connect(uri.clone())
         .await
         .expect("connect");
     client
-        .create_job("drain/idle", spec(1, false, 60_000))
+        .create_job("drain/idle", spec_with_timeout(1, 60_000, false))
         .await
         .expect("create");
     // A step-synchronous job whose rank 1 never comes: its step is applied partially when the
     // step timeout passes, after the SIGTERM.
     client
-        .create_job("drain/busy", spec(2, true, 1500))
+        .create_job("drain/busy", spec_with_timeout(2, 1500, true))
         .await
         .expect("create");
 
@@ -300,7 +143,7 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
     );
 
     // Only idle streams: the exit follows the signal at once.
-    let mut replica = Replica::start(dir.path(), 0, &["--shutdown-grace", "20s"]);
+    let mut replica = Ghmd::start_on(dir.path(), 0, &["--shutdown-grace", "20s"]);
     let uri = replica.uri();
     let mut streams = Vec::new();
     for step in 0..4 {
@@ -371,10 +214,10 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     let dir = ops_support::TempDir::new("kill9-heal");
     // Snapshots only at a clean stop: a kill -9 loses every step after it.
     let flags = ["--snapshot-interval", "1h", "--shutdown-grace", "5s"];
-    let replica = Replica::start(dir.path(), 0, &flags);
+    let replica = Ghmd::start_on(dir.path(), 0, &flags);
     let port = replica.addr.port();
     let uri = replica.uri();
-    let spec = spec(RANKS, false, 30_000);
+    let spec = spec_with_timeout(RANKS, 30_000, false);
     let options = HealingOptions {
         deadline: Duration::from_secs(60),
         ..HealingOptions::default()
@@ -429,19 +272,19 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     let mut replica = replica;
     assert!(replica.wait().await.success());
     // Back on its port with all of them; steps 10-24 on it, then kill -9: those are lost there.
-    let replica = Replica::start(dir.path(), port, &flags);
+    let replica = Ghmd::start_on(dir.path(), port, &flags);
     let sessions = phase(sessions, 10..25, &acknowledged, &progress).await;
     replica.kill9().await;
     // Back behind its clients (10 steps where they saw 25): fenced, reseeded, healed. And
     // killed once more while the ranks run.
-    let replica = Replica::start(dir.path(), port, &flags);
+    let replica = Ghmd::start_on(dir.path(), port, &flags);
     let fault = {
         let dir = dir.path().to_owned();
         let mut watched = watched.clone();
         tokio::spawn(async move {
             let _ = watched.wait_for(|step| *step >= 40).await;
             replica.kill9().await;
-            Replica::start(&dir, port, &flags)
+            Ghmd::start_on(&dir, port, &flags)
         })
     };
     let sessions = phase(sessions, 25..STEPS, &acknowledged, &progress).await;

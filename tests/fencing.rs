@@ -4,6 +4,7 @@
 //! refused request changes nothing.
 
 mod common;
+mod lineage_support;
 mod ops_support;
 
 use std::time::Duration;
@@ -11,45 +12,13 @@ use std::time::Duration;
 use common::TestServer;
 use ghmd::api::error_info::{metadata_of, reason_of};
 use ghmd::client::{Client, HealingError, HealingOptions, HealingSession, job_request};
-use ghmd::proto::harmonize_request::Input;
 use ghmd::proto::{
-    self, AppliedStep, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, Job, JobSpec,
-    JobState, ReseedJobRequest, RestoreJobRequest,
+    AppliedStep, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Job, JobSpec, JobState,
+    ReseedJobRequest, RestoreJobRequest,
 };
+use lineage_support::{BINS, counts, histogram_request, spec};
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-const BINS: u32 = 10;
-
-fn spec(world_size: u32) -> JobSpec {
-    JobSpec {
-        loss: proto::Loss::GhmC.into(),
-        bins: BINS,
-        momentum: 0.75,
-        world_size,
-        ..Default::default()
-    }
-}
-
-/// A histogram that differs by step and rank, so that a mixed-up or doubled step shows.
-fn counts(step: u64, rank: u32) -> (Vec<u64>, f64) {
-    let counts: Vec<u64> = (0..u64::from(BINS))
-        .map(|bin| (bin * 7 + step * 3 + u64::from(rank) * 5) % 11)
-        .collect();
-    let tot = counts.iter().sum::<u64>() as f64;
-    (counts, tot)
-}
-
-fn histogram_request(job_id: &str, step: u64, rank: u32) -> HarmonizeRequest {
-    let (counts, tot) = counts(step, rank);
-    HarmonizeRequest {
-        job_id: job_id.to_owned(),
-        step,
-        rank,
-        input: Some(Input::Histogram(Histogram { counts, tot })),
-        ..Default::default()
-    }
-}
 
 fn fenced(mut request: HarmonizeRequest, generation: u64, steps: u64) -> HarmonizeRequest {
     request.expected_generation = generation;
@@ -401,13 +370,7 @@ async fn fencing_refuses_a_copy_that_holds_less_than_the_caller_saw_and_nothing_
 async fn a_fenced_out_rank_never_joins_its_step() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let short = JobSpec {
-        step_timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 300_000_000,
-        }),
-        ..spec(2)
-    };
+    let short = lineage_support::spec_with_timeout(2, 300, false);
     client
         .create_job("fence/sync", short)
         .await

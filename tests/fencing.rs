@@ -722,14 +722,16 @@ async fn a_new_run_takes_over_an_idle_job_and_is_refused_an_active_one() {
         other => panic!("expected RunLost, got {other:?}"),
     }
     assert!(error.to_string().contains("run-2"), "{error}");
-    expect_refusal(
-        client
-            .reseed_job(reseed_request("run/b", spec(1), "run-1", old))
-            .await,
-        Code::FailedPrecondition,
-        Some("RUN_REPLACED"),
-        &["run-2"],
-    );
+    for old_run_id in ["run-1", ""] {
+        expect_refusal(
+            client
+                .reseed_job(reseed_request("run/b", spec(1), old_run_id, old.clone()))
+                .await,
+            Code::FailedPrecondition,
+            Some("RUN_REPLACED"),
+            &["run-2"],
+        );
+    }
     assert_eq!(
         state_of(&client.get_job("run/b").await.expect("get")),
         taken_state
@@ -811,5 +813,52 @@ async fn reseeding_needs_the_same_rights_as_creating() {
         Code::PermissionDenied,
         None,
         &[],
+    );
+}
+
+#[tokio::test]
+async fn a_session_that_restores_follows_the_restored_lineage() {
+    let server = TestServer::start().await;
+    let mut session = HealingSession::create(
+        server.uri(),
+        "restore/a",
+        spec(1),
+        "run-1",
+        HealingOptions::default(),
+    )
+    .await
+    .expect("session");
+    let mut checkpoint = None;
+    for step in 0..3 {
+        let (counts, tot) = counts(step, 0);
+        let response = session
+            .harmonize_histogram(step, 0, counts, tot)
+            .await
+            .expect("step");
+        if step == 0 {
+            checkpoint = Some(acknowledged(&response));
+        }
+    }
+    let restored = session
+        .restore(checkpoint.expect("a checkpoint"))
+        .await
+        .expect("restore");
+    assert_eq!(state_of(&restored).generation, 2);
+    assert_eq!(session.acknowledged(), &state_of(&restored));
+    let (counts, tot) = counts(1, 0);
+    let response = session
+        .harmonize_histogram(1, 0, counts, tot)
+        .await
+        .expect("a step after the restore");
+    assert_eq!((response.steps, response.generation), (2, 2));
+    assert_eq!(
+        session.reseeds(),
+        0,
+        "the restored copy is not taken for a stale one"
+    );
+    let mut client = server.client().await;
+    assert_eq!(
+        state_of(&client.get_job("restore/a").await.expect("get")).steps,
+        2
     );
 }

@@ -6,6 +6,11 @@
 //! Every request is fenced with the lineage of the last acknowledged response, so a copy that
 //! holds less refuses (STALE_COPY, JOB_NOT_HERE) instead of answering; the session then reseeds
 //! that copy (ReseedJob) and resends. Only a bounded time is spent healing one call.
+//!
+//! A run that resumes from a checkpoint restores through [`HealingSession::restore`] (rank 0),
+//! and the other ranks create their sessions after it: a session that acknowledged the job's
+//! state from before a restore would take the restored copy, which has fewer steps, for a
+//! stale one, and reseed the old state over it.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +22,7 @@ use super::{Client, ClientError, ClientOptions, job_request};
 use crate::api::error_info::{JOB_NOT_HERE, RUN_ACTIVE, RUN_REPLACED, STALE_COPY, reason_of};
 use crate::proto::{
     AppliedStep, HarmonizeRequest, HarmonizeResponse, Job, JobSpec, JobState, ReseedJobRequest,
+    RestoreJobRequest,
 };
 
 /// How a session connects and how long it keeps trying.
@@ -325,6 +331,22 @@ impl HealingSession {
         self.client.reseed_job(request).await?;
         self.reseeds += 1;
         Ok(())
+    }
+
+    /// Puts the job back to a checkpoint's state (RestoreJob) and follows the restored lineage
+    /// from then on.
+    pub async fn restore(&mut self, state: JobState) -> Result<Job, HealingError> {
+        let request = RestoreJobRequest {
+            job_id: self.job_id.clone(),
+            state: Some(state),
+        };
+        let job = self
+            .client
+            .restore_job(request)
+            .await
+            .map_err(|status| self.fatal(status))?;
+        self.acknowledge_job(&job);
+        Ok(job)
     }
 
     /// Weighs one request (its job id is the session's), healing whatever fails on the server

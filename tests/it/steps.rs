@@ -8,7 +8,7 @@ use ghmd::client::{Client, bytes_to_f32s, norms_request};
 use ghmd::ghm::{self, BinEdges, Density, InputField, Loss};
 use ghmd::proto::harmonize_request::Input;
 use ghmd::proto::{
-    self, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec,
+    self, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec, JobState,
     RestoreJobRequest, UpdateJobRequest,
 };
 use tonic::Code;
@@ -674,9 +674,21 @@ async fn restoring_a_checkpoint_replays_the_same_bits() {
         .into_inner()
         .state
         .expect("state");
-    assert_eq!(restored, checkpoint, "the same bits");
+    // The same bits, in a new generation (a restore fences copies from before it).
+    assert_eq!(restored.generation, checkpoint.generation + 1);
+    assert_eq!(
+        restored,
+        JobState {
+            generation: restored.generation,
+            ..checkpoint.clone()
+        },
+        "the same bits"
+    );
     for (i, (step, shards)) in steps.iter().enumerate().skip(3).enumerate() {
-        let replay = run_full_step(&server, "restore", step as u64, shards).await;
+        let mut replay = run_full_step(&server, "restore", step as u64, shards).await;
+        for response in &mut replay {
+            response.generation = first_run[i][0].generation;
+        }
         assert_eq!(replay, first_run[i], "step {step} replays identically");
     }
     // A bad checkpoint is refused and changes nothing.

@@ -231,7 +231,7 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
             ..options.clone()
         };
         sessions.push(
-            HealingSession::create(uri.clone(), JOB, spec.clone(), "run-1", options)
+            HealingSession::create(uri.clone(), JOB, spec, "run-1", options)
                 .await
                 .expect("session"),
         );
@@ -297,7 +297,7 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     let client = reference.client().await;
     client
         .clone()
-        .create_job(JOB, spec.clone())
+        .create_job(JOB, spec)
         .await
         .expect("create");
     let mut expected = std::collections::BTreeMap::new();
@@ -320,7 +320,7 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
         }
     }
 
-    let acknowledged = acknowledged.lock().expect("lock");
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().expect("lock"));
     assert_eq!(
         acknowledged.len() as u64,
         STEPS * u64::from(RANKS),

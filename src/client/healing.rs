@@ -198,7 +198,7 @@ impl HealingSession {
         loop {
             let created = session
                 .client
-                .create_job_for_run(job_id, session.spec.clone(), run_id)
+                .create_job_for_run(job_id, session.spec, run_id)
                 .await;
             let status = match created {
                 Ok(job) => {
@@ -323,7 +323,7 @@ impl HealingSession {
     async fn reseed(&mut self) -> Result<(), Status> {
         let request = ReseedJobRequest {
             job_id: self.job_id.clone(),
-            spec: Some(self.spec.clone()),
+            spec: Some(self.spec),
             run_id: self.run_id.clone(),
             state: Some(self.acknowledged.clone()),
             last_step: self.last_step.clone(),

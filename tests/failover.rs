@@ -295,11 +295,7 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     // The same run against a server that never failed.
     let reference = TestServer::start().await;
     let client = reference.client().await;
-    client
-        .clone()
-        .create_job(JOB, spec)
-        .await
-        .expect("create");
+    client.clone().create_job(JOB, spec).await.expect("create");
     let mut expected = std::collections::BTreeMap::new();
     for step in 0..STEPS {
         let tasks: Vec<_> = (0..RANKS)

@@ -862,3 +862,45 @@ async fn a_session_that_restores_follows_the_restored_lineage() {
         2
     );
 }
+
+#[tokio::test]
+async fn generation_and_run_id_survive_a_restart() {
+    let dir = ops_support::TempDir::new("lineage-restart");
+    let start = |dir: std::path::PathBuf| {
+        TestServer::start_with(move |config| {
+            config.in_memory = false;
+            config.data_dir = dir;
+        })
+    };
+    let server = start(dir.path().to_owned()).await;
+    let mut client = server.client().await;
+    client
+        .create_job_for_run("keep/a", spec(1), "run-7")
+        .await
+        .expect("create");
+    let response = client
+        .harmonize(histogram_request("keep/a", 0, 0))
+        .await
+        .expect("step");
+    let restored = client
+        .restore_job(RestoreJobRequest {
+            job_id: "keep/a".into(),
+            state: Some(acknowledged(&response)),
+        })
+        .await
+        .expect("restore");
+    server.stop().await;
+
+    let server = start(dir.path().to_owned()).await;
+    let mut client = server.client().await;
+    let loaded = client.get_job("keep/a").await.expect("loaded");
+    assert_eq!(loaded.run_id, "run-7");
+    assert_eq!(state_of(&loaded), state_of(&restored));
+    assert_eq!(state_of(&loaded).generation, 2);
+    // The loaded lineage fences as the one before the restart did.
+    client
+        .harmonize(fenced(histogram_request("keep/a", 1, 0), 2, 1))
+        .await
+        .expect("the same lineage");
+    server.stop().await;
+}

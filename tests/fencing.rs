@@ -673,6 +673,22 @@ async fn a_new_run_takes_over_an_idle_job_and_is_refused_an_active_one() {
         );
     }
     assert_eq!(client.get_job("run/a").await.expect("get"), before);
+    // A session of another run fails at once, saying why.
+    let error = HealingSession::create(
+        server.uri(),
+        "run/a",
+        spec(1),
+        "run-2",
+        HealingOptions::default(),
+    )
+    .await
+    .err()
+    .expect("RUN_ACTIVE");
+    match &error {
+        HealingError::RunLost { reason, .. } => assert_eq!(reason, "RUN_ACTIVE"),
+        other => panic!("expected RunLost, got {other:?}"),
+    }
+    assert!(error.to_string().contains("run-1"), "{error}");
 
     // A server with a short takeover time: once the job is idle that long, a new run takes
     // it over, empty, at the next generation.
@@ -903,4 +919,31 @@ async fn generation_and_run_id_survive_a_restart() {
         .await
         .expect("the same lineage");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_gives_up_after_its_deadline_with_the_last_error() {
+    let server = TestServer::start().await;
+    let options = HealingOptions {
+        deadline: Duration::from_millis(300),
+        ..HealingOptions::default()
+    };
+    let mut session = HealingSession::create(server.uri(), "gone/a", spec(1), "", options)
+        .await
+        .expect("session");
+    server.stop().await;
+    let (counts, tot) = counts(0, 0);
+    let error = session
+        .harmonize_histogram(0, 0, counts, tot)
+        .await
+        .expect_err("nobody serves the job");
+    match &error {
+        HealingError::GaveUp { attempts, last, .. } => {
+            assert!(*attempts > 1, "it retried: {error}");
+            assert_eq!(last.code(), Code::Unavailable, "{error}");
+        }
+        other => panic!("expected GaveUp, got {other:?}"),
+    }
+    assert!(error.to_string().contains("healing deadline"), "{error}");
+    assert!(error.to_string().contains("step 0"), "{error}");
 }

@@ -195,7 +195,7 @@ async fn run_rank(
 #[tokio::test]
 async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_step() {
     const JOB: &str = "heal/job";
-    const RANKS: u32 = 2;
+    const RANKS: u32 = 3;
     const STEPS: u64 = 60;
     let dir = ops_support::TempDir::new("kill9-heal");
     // Snapshots only at a clean stop: a kill -9 loses every step after it.
@@ -208,12 +208,12 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
         deadline: Duration::from_secs(60),
         ..HealingOptions::default()
     };
-    // Rank 0 sends one Harmonize call per step, rank 1 keeps one HarmonizeStream open (which
-    // the SIGTERM ends at a message boundary and each kill cuts).
+    // Even ranks send one Harmonize call per step, odd ones keep one HarmonizeStream open
+    // (which the SIGTERM ends at a message boundary and each kill cuts).
     let mut sessions = Vec::new();
     for rank in 0..RANKS {
         let options = HealingOptions {
-            stream: rank == 1,
+            stream: rank % 2 == 1,
             ..options.clone()
         };
         sessions.push(
@@ -262,15 +262,20 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     let sessions = phase(sessions, 10..25, &acknowledged, &progress).await;
     replica.kill9().await;
     // Back behind its clients (10 steps where they saw 25): fenced, reseeded, healed. And
-    // killed once more while the ranks run.
+    // killed three times more while the ranks run.
     let replica = Ghmd::start_on(dir.path(), port, &flags);
     let fault = {
         let dir = dir.path().to_owned();
         let mut watched = watched.clone();
         tokio::spawn(async move {
-            let _ = watched.wait_for(|step| *step >= 40).await;
-            replica.kill9().await;
-            Ghmd::start_on(&dir, port, &flags)
+            let mut replica = replica;
+            // Each time rank 0 has an answer, the others may be anywhere in that step.
+            for at in [35, 44, 52] {
+                let _ = watched.wait_for(|step| *step >= at).await;
+                replica.kill9().await;
+                replica = Ghmd::start_on(&dir, port, &flags);
+            }
+            replica
         })
     };
     let sessions = phase(sessions, 25..STEPS, &acknowledged, &progress).await;
@@ -334,7 +339,7 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     assert_eq!(common::bits(&end.acc_sum), common::bits(&want.acc_sum));
     let (_, _, metrics) = ops_support::http_get(replica.metrics_addr, "/metrics", None).await;
     println!(
-        "kill -9 twice, {STEPS} steps of {RANKS} ranks: {reseeds} reseeds by the sessions; \
+        "kill -9 four times, {STEPS} steps of {RANKS} ranks: {reseeds} reseeds by the sessions; \
          final generation {}; the last replica's reseed counters: {}",
         end.generation,
         metrics

@@ -223,12 +223,8 @@ async fn every_rpc(client: &mut Client, job_id: &str) -> Vec<(&'static str, Resu
             code(
                 raw.create_job(ghmd::proto::CreateJobRequest {
                     job_id: job_id.to_owned(),
-<<<<<<< HEAD:tests/it/security.rs
                     spec: Some(ghm_c(10, 0.75)),
-=======
-                    spec: Some(ghm_c()),
                     ..Default::default()
->>>>>>> 9a39dc2 (Contract: lineage (generation), fencing, ReseedJob, run identity, x-ghmd-job routing (the coordinator's proto patch); struct literals of other tests take the new fields by default):tests/security.rs
                 })
                 .await,
             ),

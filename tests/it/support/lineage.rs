@@ -1,7 +1,5 @@
-//! Shared by tests/fencing.rs and tests/failover.rs: one job spec and histograms that differ by
+//! Shared by the fencing and failover topics: one job spec and histograms that differ by
 //! step and rank, so that a lost, doubled or mixed-up step shows in the weights.
-#![allow(dead_code)]
-
 use ghmd::proto::harmonize_request::Input;
 use ghmd::proto::{self, HarmonizeRequest, Histogram, JobSpec};
 

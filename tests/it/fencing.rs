@@ -3,20 +3,16 @@
 //! CreateJobRequest.run_id), with the ErrorInfo reasons clients act on, and the proof that a
 //! refused request changes nothing.
 
-mod common;
-mod lineage_support;
-mod ops_support;
-
 use std::time::Duration;
 
-use common::TestServer;
+use crate::support::lineage::{BINS, counts, histogram_request, spec};
+use crate::support::{TempDir, TestServer, bits};
 use ghmd::api::error_info::{metadata_of, reason_of};
 use ghmd::client::{Client, HealingError, HealingOptions, HealingSession, job_request};
 use ghmd::proto::{
     AppliedStep, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Job, JobSpec, JobState,
     ReseedJobRequest, RestoreJobRequest,
 };
-use lineage_support::{BINS, counts, histogram_request, spec};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -78,8 +74,8 @@ fn acknowledged(response: &HarmonizeResponse) -> JobState {
 }
 
 async fn metric(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (_, _, body) = ops_support::http_get(server.metrics_addr, "/metrics", None).await;
-    ops_support::sample(&body, name, labels).unwrap_or(0.0)
+    let (_, _, body) = crate::support::http::http_get(server.metrics_addr, "/metrics", None).await;
+    crate::support::http::sample(&body, name, labels).unwrap_or(0.0)
 }
 
 /// Runs one step of a step-synchronous job: every rank at once, each response in rank order.
@@ -370,7 +366,7 @@ async fn fencing_refuses_a_copy_that_holds_less_than_the_caller_saw_and_nothing_
 async fn a_fenced_out_rank_never_joins_its_step() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let short = lineage_support::spec_with_timeout(2, 300, false);
+    let short = crate::support::lineage::spec_with_timeout(2, 300, false);
     client
         .create_job("fence/sync", short)
         .await
@@ -600,11 +596,8 @@ async fn a_reseeded_copy_answers_a_retry_of_the_last_step_bit_for_bit() {
         ))
         .await
         .expect("the retry is answered from the kept table");
-    assert_eq!(
-        common::bits(&retry.bin_weights),
-        common::bits(&lost.bin_weights)
-    );
-    assert_eq!(common::bits(&retry.acc_sum), common::bits(&lost.acc_sum));
+    assert_eq!(bits(&retry.bin_weights), bits(&lost.bin_weights));
+    assert_eq!(bits(&retry.acc_sum), bits(&lost.acc_sum));
     assert_eq!(retry.tot.to_bits(), lost.tot.to_bits());
     assert_eq!(retry.nonempty_bins, lost.nonempty_bins);
     assert_eq!(retry.weights, lost.weights);
@@ -619,11 +612,8 @@ async fn a_reseeded_copy_answers_a_retry_of_the_last_step_bit_for_bit() {
     let expected = sync_step(&client, "seed/sync", 4, 2).await;
     let got = sync_step(&other, "seed/sync", 4, 2).await;
     for (expected, got) in expected.iter().zip(&got) {
-        assert_eq!(
-            common::bits(&got.bin_weights),
-            common::bits(&expected.bin_weights)
-        );
-        assert_eq!(common::bits(&got.acc_sum), common::bits(&expected.acc_sum));
+        assert_eq!(bits(&got.bin_weights), bits(&expected.bin_weights));
+        assert_eq!(bits(&got.acc_sum), bits(&expected.acc_sum));
         assert_eq!(got.steps, expected.steps);
     }
 
@@ -756,7 +746,7 @@ async fn a_new_run_takes_over_an_idle_job_and_is_refused_an_active_one() {
 
 #[tokio::test]
 async fn a_state_file_of_the_previous_format_loads_at_generation_1() {
-    let dir = ops_support::TempDir::new("state-v1");
+    let dir = TempDir::new("state-v1");
     std::fs::copy(
         concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/state-v1.ghmd"),
         dir.path().join("state.ghmd"),
@@ -786,7 +776,7 @@ async fn a_state_file_of_the_previous_format_loads_at_generation_1() {
 #[tokio::test]
 async fn reseeding_needs_the_same_rights_as_creating() {
     const TEAM: &str = "team-a-secret-0123456789abcdef";
-    let dir = ops_support::TempDir::new("reseed-tokens");
+    let dir = TempDir::new("reseed-tokens");
     let path = dir.path().join("tokens.toml");
     std::fs::write(
         &path,
@@ -881,7 +871,7 @@ async fn a_session_that_restores_follows_the_restored_lineage() {
 
 #[tokio::test]
 async fn generation_and_run_id_survive_a_restart() {
-    let dir = ops_support::TempDir::new("lineage-restart");
+    let dir = TempDir::new("lineage-restart");
     let start = |dir: std::path::PathBuf| {
         TestServer::start_with(move |config| {
             config.in_memory = false;

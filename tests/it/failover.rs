@@ -3,18 +3,14 @@
 //! a single server killed with -9 and restarted behind its clients, whose HealingSessions go on
 //! with no acknowledged step lost and every weight equal to a never-failing server's.
 
-mod common;
-mod lineage_support;
-mod ops_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use crate::support::binary::Launch;
+use crate::support::lineage::{counts, histogram_request, spec_with_timeout};
+use crate::support::{TempDir, TestServer, bits};
 use ghmd::client::{HealingOptions, HealingSession, job_request};
 use ghmd::proto::{HarmonizeRequest, HarmonizeResponse};
-use lineage_support::{counts, histogram_request, spec_with_timeout};
-use ops_support::Ghmd;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,8 +41,11 @@ async fn open_stream(uri: &str, job_id: &str) -> OpenStream {
 
 #[tokio::test]
 async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_grace() {
-    let dir = ops_support::TempDir::new("sigterm-streams");
-    let mut replica = Ghmd::start_on(dir.path(), 0, &["--shutdown-grace", "20s"]);
+    let dir = TempDir::new("sigterm-streams");
+    let replica = Launch::with_data_dir(dir.path())
+        .port(0)
+        .args(&["--shutdown-grace", "20s"])
+        .start();
     let uri = replica.uri();
     let mut client = ghmd::client::Client::connect(uri.clone())
         .await
@@ -85,11 +84,12 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
         .send(histogram_request("drain/busy", 0, 0))
         .await
         .expect("send");
-    let (status, _, _) = ops_support::http_get(replica.metrics_addr, "/readyz", None).await;
+    let (status, _, _) =
+        crate::support::http::http_get(replica.metrics_addr, "/readyz", None).await;
     assert_eq!(status, 200);
 
     let signalled = Instant::now();
-    replica.signal("-TERM");
+    replica.signal("TERM");
     for (index, stream) in idle.iter_mut().enumerate() {
         let ended = stream.responses.next().await.expect("a final status");
         let status = ended.expect_err("the stream ends");
@@ -102,7 +102,8 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
     }
     let idle_ended = signalled.elapsed();
     // The replica still runs (the busy stream's step is pending) and says it is not ready.
-    let (status, _, _) = ops_support::http_get(replica.metrics_addr, "/readyz", None).await;
+    let (status, _, _) =
+        crate::support::http::http_get(replica.metrics_addr, "/readyz", None).await;
     assert_eq!(status, 503, "readiness drops on SIGTERM");
     // The busy stream gets its step's answer (partial, without rank 1), then UNAVAILABLE.
     let answer = busy
@@ -115,9 +116,8 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
     let ended = busy.responses.next().await.expect("a final status");
     assert_eq!(ended.expect_err("ends").code(), Code::Unavailable);
 
-    let exit = replica.wait().await;
+    let (exit, log) = replica.exited().await;
     let exited = signalled.elapsed();
-    let log = replica.log();
     assert!(exit.success(), "{exit:?}\n{log}");
     assert!(
         !log.contains("outlived the shutdown grace"),
@@ -129,7 +129,10 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
     );
 
     // Only idle streams: the exit follows the signal at once.
-    let mut replica = Ghmd::start_on(dir.path(), 0, &["--shutdown-grace", "20s"]);
+    let replica = Launch::with_data_dir(dir.path())
+        .port(0)
+        .args(&["--shutdown-grace", "20s"])
+        .start();
     let uri = replica.uri();
     let mut streams = Vec::new();
     for step in 0..4 {
@@ -148,7 +151,7 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
         streams.push(stream);
     }
     let signalled = Instant::now();
-    replica.signal("-TERM");
+    replica.signal("TERM");
     for stream in &mut streams {
         let status = stream
             .responses
@@ -158,10 +161,10 @@ async fn sigterm_ends_open_streams_at_a_message_boundary_and_exits_without_the_g
             .expect_err("ends");
         assert_eq!(status.code(), Code::Unavailable);
     }
-    let exit = replica.wait().await;
+    let (exit, log) = replica.exited().await;
     let exited = signalled.elapsed();
-    assert!(exit.success());
-    assert!(!replica.log().contains("outlived the shutdown grace"));
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(!log.contains("outlived the shutdown grace"), "{log}");
     assert!(exited < Duration::from_secs(20), "exited within the grace");
     println!("SIGTERM with 4 idle open streams: exited after {exited:?} (goal: under 1 s)");
 }
@@ -197,10 +200,13 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     const JOB: &str = "heal/job";
     const RANKS: u32 = 3;
     const STEPS: u64 = 60;
-    let dir = ops_support::TempDir::new("kill9-heal");
+    let dir = TempDir::new("kill9-heal");
     // Snapshots only at a clean stop: a kill -9 loses every step after it.
     let flags = ["--snapshot-interval", "1h", "--shutdown-grace", "5s"];
-    let replica = Ghmd::start_on(dir.path(), 0, &flags);
+    let replica = Launch::with_data_dir(dir.path())
+        .port(0)
+        .args(&flags)
+        .start();
     let port = replica.addr.port();
     let uri = replica.uri();
     let spec = spec_with_timeout(RANKS, 30_000, false);
@@ -254,16 +260,20 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
 
     // Steps 0-9, then a clean stop: the state file holds 10 steps.
     let sessions = phase(sessions, 0..10, &acknowledged, &progress).await;
-    replica.signal("-TERM");
-    let mut replica = replica;
-    assert!(replica.wait().await.success());
+    assert!(replica.sigterm().await.0.success());
     // Back on its port with all of them; steps 10-24 on it, then kill -9: those are lost there.
-    let replica = Ghmd::start_on(dir.path(), port, &flags);
+    let replica = Launch::with_data_dir(dir.path())
+        .port(port)
+        .args(&flags)
+        .start();
     let sessions = phase(sessions, 10..25, &acknowledged, &progress).await;
     replica.kill9().await;
     // Back behind its clients (10 steps where they saw 25): fenced, reseeded, healed. And
     // killed three times more while the ranks run.
-    let replica = Ghmd::start_on(dir.path(), port, &flags);
+    let replica = Launch::with_data_dir(dir.path())
+        .port(port)
+        .args(&flags)
+        .start();
     let fault = {
         let dir = dir.path().to_owned();
         let mut watched = watched.clone();
@@ -273,7 +283,7 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
             for at in [35, 44, 52] {
                 let _ = watched.wait_for(|step| *step >= at).await;
                 replica.kill9().await;
-                replica = Ghmd::start_on(&dir, port, &flags);
+                replica = Launch::with_data_dir(&dir).port(port).args(&flags).start();
             }
             replica
         })
@@ -317,11 +327,11 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
         let want = &expected[&(*step, *rank)];
         assert_eq!(got.step, *step);
         assert_eq!(
-            common::bits(&got.bin_weights),
-            common::bits(&want.bin_weights),
+            bits(&got.bin_weights),
+            bits(&want.bin_weights),
             "step {step} rank {rank}: weights differ from a never-failing server's"
         );
-        assert_eq!(common::bits(&got.acc_sum), common::bits(&want.acc_sum));
+        assert_eq!(bits(&got.acc_sum), bits(&want.acc_sum));
         assert_eq!(
             got.steps, want.steps,
             "step {step}: no step lost or doubled"
@@ -336,8 +346,9 @@ async fn a_server_killed_and_back_behind_its_clients_is_healed_without_losing_a_
     let (end, want) = (end.state.expect("state"), want.state.expect("state"));
     assert_eq!((end.steps, end.next_step), (want.steps, want.next_step));
     assert_eq!(end.steps, STEPS);
-    assert_eq!(common::bits(&end.acc_sum), common::bits(&want.acc_sum));
-    let (_, _, metrics) = ops_support::http_get(replica.metrics_addr, "/metrics", None).await;
+    assert_eq!(bits(&end.acc_sum), bits(&want.acc_sum));
+    let (_, _, metrics) =
+        crate::support::http::http_get(replica.metrics_addr, "/metrics", None).await;
     println!(
         "kill -9 four times, {STEPS} steps of {RANKS} ranks: {reseeds} reseeds by the sessions; \
          final generation {}; the last replica's reseed counters: {}",

@@ -19,13 +19,13 @@ use super::routing::Routing;
 use super::status::missing;
 use crate::auth::Access;
 use crate::jobs::{Registry, validate_job_id};
-use crate::shutdown::Shutdown;
 use crate::proto::harmonizer_server::Harmonizer;
 use crate::proto::{
     CreateJobRequest, DeleteJobRequest, DeleteJobResponse, GetJobRequest, HarmonizeRequest,
     HarmonizeResponse, Job, ListJobsRequest, ListJobsResponse, ReseedJobRequest, RestoreJobRequest,
     UpdateJobRequest,
 };
+use crate::shutdown::Shutdown;
 
 /// How long a job must go unchanged before another run may take it over, by default
 /// (`--run-takeover-after`).

@@ -10,11 +10,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::lineage::{Counters, Fence, check_fence};
 use super::sync::{
     Deadline, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier, StepFailure,
     WorldSizeChange,
 };
-use super::lineage::{Counters, Fence, check_fence};
 use super::{JobError, JobSpec, StepObserver, check_world_size};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
 

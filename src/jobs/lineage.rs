@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::job::{AppliedStep, Job, JobContext, JobState, check_acc_sum};
-use super::{JobError, JobSnapshot, JobSpec};
+use super::job::{AppliedStep, Job, JobContext, check_acc_sum};
+use super::{JobError, JobSnapshot, JobSpec, StepObserver};
 use crate::ghm::BinTable;
 
 /// The most characters a run id may have (the same bound as a job id).
@@ -117,42 +117,28 @@ pub fn validate_run_id(job_id: &str, run_id: &str) -> Result<(), JobError> {
     })
 }
 
-impl JobState {
-    pub(super) fn counters(&self) -> Counters {
-        Counters {
-            generation: self.generation,
-            steps: self.steps,
-            elements: self.elements,
-            next_step: self.sync.as_ref().map_or(0, |sync| sync.next_step()),
-        }
+/// Refuses a request whose client saw more than this copy, at `lineage` (generation, steps),
+/// holds: such a copy must never answer with weights.
+pub(super) fn check_fence(
+    id: &str,
+    (generation, steps): (u64, u64),
+    fence: Fence,
+    observer: &dyn StepObserver,
+) -> Result<(), JobError> {
+    if !fence.is_active() || (generation >= fence.generation && steps >= fence.steps) {
+        return Ok(());
     }
+    observer.fenced_refusal(false);
+    Err(JobError::StaleCopy {
+        id: id.to_owned(),
+        generation,
+        steps,
+        expected_generation: fence.generation,
+        expected_steps: fence.steps,
+    })
 }
 
 impl Job {
-    /// The copy's (generation, steps), read together.
-    pub(super) fn lineage(&self) -> (u64, u64) {
-        let state = self.state.lock();
-        (state.generation, state.steps)
-    }
-
-    /// Refuses a request whose client saw more than this copy holds; called with the job's
-    /// lock held, so that no step can slip between the check and the request joining its step.
-    pub(super) fn check_fence(&self, state: &JobState, fence: Fence) -> Result<(), JobError> {
-        if !fence.is_active()
-            || (state.generation >= fence.generation && state.steps >= fence.steps)
-        {
-            return Ok(());
-        }
-        self.context.observer.fenced_refusal(false);
-        Err(JobError::StaleCopy {
-            id: self.id().to_owned(),
-            generation: state.generation,
-            steps: state.steps,
-            expected_generation: fence.generation,
-            expected_steps: fence.steps,
-        })
-    }
-
     /// A job put in place from outside: a reseed's state or a new run's empty one.
     pub(super) fn seeded(
         id: &str,
@@ -189,22 +175,19 @@ impl Job {
                 elements: state.elements,
                 next_step: state.next_step,
             };
-            let mut locked = job.state.lock();
-            if let Some(sync) = locked.sync.as_mut() {
-                sync.keep_applied(
-                    last.step,
-                    Arc::new(AppliedStep {
-                        table: BinTable::from_bin_weights(
-                            &last.bin_weights,
-                            last.tot,
-                            last.nonempty_bins,
-                        ),
-                        acc_sum: last.acc_sum,
-                        missing_ranks: last.missing_ranks,
-                        counters,
-                    }),
-                );
-            }
+            job.keep_applied(
+                last.step,
+                AppliedStep {
+                    table: BinTable::from_bin_weights(
+                        &last.bin_weights,
+                        last.tot,
+                        last.nonempty_bins,
+                    ),
+                    acc_sum: last.acc_sum,
+                    missing_ranks: last.missing_ranks,
+                    counters,
+                },
+            );
         }
         Ok(job)
     }

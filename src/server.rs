@@ -9,13 +9,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::{HarmonizerService, Routing};
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::config::ServeConfig;
 use crate::jobs::Registry;
 use crate::limit::ConcurrencyLimitLayer;
+use crate::linger::Lingerers;
 use crate::metrics::{Exposition, GrpcMetricsLayer, JobDensity, Metrics};
 use crate::persist::{PersistError, Snapshotter};
 use crate::probes::Readiness;
@@ -257,6 +257,7 @@ impl Server {
             ],
         );
         readiness.set(true);
+        let lingerers = Lingerers::default();
         let serve = builder
             .layer(metrics_layer)
             .layer(ConcurrencyLimitLayer::new(
@@ -266,11 +267,8 @@ impl Server {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(harmonizer)
-            // Without TCP_NODELAY (which a custom incoming stream does not get from tonic) a
-            // response whose frames leave in two writes waits for the client's delayed ACK:
-            // 40 ms per small request on Linux.
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                crate::linger::incoming(listener, lingerers.clone()),
                 signal,
             );
         let served = tokio::select! {
@@ -289,6 +287,8 @@ impl Server {
             reloader,
         };
         let stopped_cleanly = background.stop(stopped, closed).await;
+        // The last connections close without cutting off the end of a response.
+        lingerers.wait(crate::linger::LINGER).await;
         served?;
         stopped_cleanly?;
         tracing::info!("ghmd stopped");

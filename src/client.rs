@@ -5,7 +5,7 @@
 
 mod healing;
 
-pub use healing::{HealingError, HealingOptions, HealingSession};
+pub use healing::{HealingError, HealingOptions, HealingSession, acknowledged_state, applied_step};
 
 use bytes::Bytes;
 use tonic::Status;

@@ -25,6 +25,30 @@ use crate::proto::{
     RestoreJobRequest,
 };
 
+/// The state a response acknowledges: what ReseedJob puts a copy back to, and what a checkpoint
+/// needs without a GetJob.
+pub fn acknowledged_state(response: &HarmonizeResponse) -> JobState {
+    JobState {
+        acc_sum: response.acc_sum.clone(),
+        steps: response.steps,
+        elements: response.elements,
+        next_step: response.next_step,
+        generation: response.generation,
+    }
+}
+
+/// The step a response reports, for ReseedJob's `last_step`.
+pub fn applied_step(response: &HarmonizeResponse) -> AppliedStep {
+    AppliedStep {
+        step: response.step,
+        bin_weights: response.bin_weights.clone(),
+        tot: response.tot,
+        nonempty_bins: response.nonempty_bins,
+        acc_sum: response.acc_sum.clone(),
+        missing_ranks: response.missing_ranks.clone(),
+    }
+}
+
 /// How a session connects and how long it keeps trying.
 #[derive(Clone, Debug)]
 pub struct HealingOptions {
@@ -302,21 +326,8 @@ impl HealingSession {
     }
 
     fn acknowledge(&mut self, response: &HarmonizeResponse) {
-        self.acknowledged = JobState {
-            acc_sum: response.acc_sum.clone(),
-            steps: response.steps,
-            elements: response.elements,
-            next_step: response.next_step,
-            generation: response.generation,
-        };
-        self.last_step = (self.spec.world_size > 1).then(|| AppliedStep {
-            step: response.step,
-            bin_weights: response.bin_weights.clone(),
-            tot: response.tot,
-            nonempty_bins: response.nonempty_bins,
-            acc_sum: response.acc_sum.clone(),
-            missing_ranks: response.missing_ranks.clone(),
-        });
+        self.acknowledged = acknowledged_state(response);
+        self.last_step = (self.spec.world_size > 1).then(|| applied_step(response));
     }
 
     /// Puts this replica's copy at the acknowledged state (or leaves a copy that holds more).

@@ -8,7 +8,10 @@ use std::time::Duration;
 use crate::support::lineage::{BINS, counts, histogram_request, spec};
 use crate::support::{TempDir, TestServer, bits};
 use ghmd::api::error_info::{metadata_of, reason_of};
-use ghmd::client::{Client, HealingError, HealingOptions, HealingSession, job_request};
+use ghmd::client::{
+    Client, HealingError, HealingOptions, HealingSession, acknowledged_state, applied_step,
+    job_request,
+};
 use ghmd::proto::{
     AppliedStep, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Job, JobSpec, JobState,
     ReseedJobRequest, RestoreJobRequest,
@@ -49,27 +52,6 @@ fn reseed_request(job_id: &str, spec: JobSpec, run_id: &str, state: JobState) ->
         run_id: run_id.to_owned(),
         state: Some(state),
         last_step: None,
-    }
-}
-
-fn applied(response: &HarmonizeResponse) -> AppliedStep {
-    AppliedStep {
-        step: response.step,
-        bin_weights: response.bin_weights.clone(),
-        tot: response.tot,
-        nonempty_bins: response.nonempty_bins,
-        acc_sum: response.acc_sum.clone(),
-        missing_ranks: response.missing_ranks.clone(),
-    }
-}
-
-fn acknowledged(response: &HarmonizeResponse) -> JobState {
-    JobState {
-        acc_sum: response.acc_sum.clone(),
-        steps: response.steps,
-        elements: response.elements,
-        next_step: response.next_step,
-        generation: response.generation,
     }
 }
 
@@ -429,7 +411,7 @@ async fn reseeding_creates_replaces_or_keeps_a_copy_by_the_rule() {
                 .expect("step"),
         );
     }
-    let seen = acknowledged(&seen.expect("steps"));
+    let seen = acknowledged_state(&seen.expect("steps"));
 
     // Absent: W ranks race to reseed and converge on one copy, at generation seen + 1.
     let tasks: Vec<_> = (0..4)
@@ -573,8 +555,8 @@ async fn a_reseeded_copy_answers_a_retry_of_the_last_step_bit_for_bit() {
     // Another replica with no copy: rank 0 reseeds from its last response, with last_step.
     let second = TestServer::start().await;
     let mut other = second.client().await;
-    let mut request = reseed_request("seed/sync", spec(2), "", acknowledged(rank0));
-    request.last_step = Some(applied(rank0));
+    let mut request = reseed_request("seed/sync", spec(2), "", acknowledged_state(rank0));
+    request.last_step = Some(applied_step(rank0));
     let copy = other.reseed_job(request.clone()).await.expect("created");
     assert_eq!(state_of(&copy).generation, rank0.generation + 1);
     // Rank 1 acknowledged only step 2, so its reseed keeps rank 0's copy.
@@ -582,7 +564,7 @@ async fn a_reseeded_copy_answers_a_retry_of_the_last_step_bit_for_bit() {
     behind.state = Some(JobState {
         steps: rank0.steps - 1,
         next_step: rank0.next_step - 1,
-        ..acknowledged(rank0)
+        ..acknowledged_state(rank0)
     });
     behind.last_step = None;
     assert_eq!(other.reseed_job(behind).await.expect("unchanged"), copy);
@@ -842,7 +824,7 @@ async fn a_session_that_restores_follows_the_restored_lineage() {
             .await
             .expect("step");
         if step == 0 {
-            checkpoint = Some(acknowledged(&response));
+            checkpoint = Some(acknowledged_state(&response));
         }
     }
     let restored = session
@@ -891,7 +873,7 @@ async fn generation_and_run_id_survive_a_restart() {
     let restored = client
         .restore_job(RestoreJobRequest {
             job_id: "keep/a".into(),
-            state: Some(acknowledged(&response)),
+            state: Some(acknowledged_state(&response)),
         })
         .await
         .expect("restore");

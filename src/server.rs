@@ -188,6 +188,7 @@ impl Server {
         let reaper = registry.spawn_reaper(config.job_ttl, stopped.signal());
         // Open streams end at a message boundary once the server drains, after readiness and
         // health have dropped, so that an idle one does not hold the exit.
+        let drained = registry.clone();
         let harmonizer = HarmonizerServer::new(
             HarmonizerService::new(registry)
                 .with_routing(Routing::new(
@@ -236,6 +237,9 @@ impl Server {
                 .set_not_serving::<HarmonizerServer<HarmonizerService>>()
                 .await;
             draining.stop();
+            // No rank can reach this server any more: steps still waiting for one end now,
+            // instead of at their step timeout, so that their ranks move on.
+            drained.drain();
         };
 
         tracing::info!(%addr, tls = tls.is_some(), "ghmd serving gRPC");

@@ -45,6 +45,7 @@ impl From<JobError> for Status {
             JobError::ResourceExhausted { .. } | JobError::ResponseTooLarge(_) => {
                 (Code::ResourceExhausted, None, None)
             }
+            JobError::Unavailable { .. } => (Code::Unavailable, None, None),
             JobError::Internal(_) => (Code::Internal, None, None),
         };
         let message = error.to_string();

@@ -71,6 +71,10 @@ pub enum JobError {
     FailedPrecondition { id: String, reason: String },
     #[error("job {id:?}: {reason}")]
     ResourceExhausted { id: String, reason: String },
+    /// This server cannot serve the request now (it is shutting down); another replica, or
+    /// this one once back, can.
+    #[error("job {id:?}: {reason}")]
+    Unavailable { id: String, reason: String },
     /// The weights of a batch this large could not be sent back within `--max-send-message-bytes`;
     /// refused before its step is applied.
     #[error("{0}")]

@@ -4,6 +4,7 @@
 //! O(elements) passes run outside it, large ones on the blocking pool.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -111,6 +112,8 @@ pub(super) struct JobContext {
     pub max_pending_steps: usize,
     /// Batches with more elements than this are weighed on the blocking pool.
     pub offload_elements: usize,
+    /// Set once the server drains: no rank may join a step any more (see `Job::drain`).
+    pub draining: AtomicBool,
 }
 
 /// What `UpdateJob` may change.
@@ -556,6 +559,7 @@ impl Job {
             StepFailure::Restored => {
                 format!("step {step} aborted: the job was restored from a checkpoint meanwhile")
             }
+            StepFailure::Draining => return self.draining_error(step),
             StepFailure::Replaced => format!(
                 "step {step} aborted: this copy of the job was replaced (reseeded, or taken over \
                  by a new run) while the step waited; send it again"
@@ -584,6 +588,11 @@ impl Job {
             let mut state = self.state.lock();
             let timeout = state.step_timeout;
             self.check_fence(&state.progress, fence)?;
+            // Checked under the lock `drain` takes, so that no rank joins a step after the
+            // drain failed the pending ones.
+            if self.context.draining.load(Ordering::SeqCst) {
+                return Err(self.draining_error(step));
+            }
             let JobState { progress, sync, .. } = &mut *state;
             let Some(sync) = sync.as_mut() else {
                 return Err(self.sync_error("not step-synchronous"));
@@ -770,6 +779,24 @@ impl Job {
     /// Ends every waiting request of a job that is going away.
     pub(super) fn close(&self) {
         self.fail_pending(|| StepFailure::Deleted);
+    }
+
+    /// Ends every waiting step of a server that is shutting down: no other rank can reach it
+    /// any more, so the ranks that wait would wait for their step timeout; they send the step
+    /// again where the job goes on. The registry has set `draining` first.
+    pub(super) fn drain(&self) {
+        self.fail_pending(|| StepFailure::Draining);
+    }
+
+    fn draining_error(&self, step: u64) -> JobError {
+        JobError::Unavailable {
+            id: self.id().to_owned(),
+            reason: format!(
+                "step {step}: this server is shutting down and cannot complete the step; \
+                 nothing was applied, send it again (to another replica, or to this one once \
+                 it is back)"
+            ),
+        }
     }
 
     /// Ends every waiting request of a copy that another copy replaces; they may send again.

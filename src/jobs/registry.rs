@@ -2,7 +2,7 @@
 //! before it reaches its job, and the background task that deletes idle jobs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -91,6 +91,7 @@ impl Registry {
                 kept_steps: limits.kept_steps,
                 max_pending_steps: limits.max_pending_steps,
                 offload_elements: limits.offload_elements,
+                draining: AtomicBool::new(false),
             }),
         }
     }
@@ -284,6 +285,17 @@ impl Registry {
                 self.replaced(&copy, &job);
                 Ok((job.snapshot(), ReseedOutcome::Replaced))
             }
+        }
+    }
+
+    /// The server is shutting down: every step that waits ends UNAVAILABLE, and no rank joins
+    /// a step any more (its other ranks could no longer reach this server). Asynchronous
+    /// requests in flight still finish.
+    pub fn drain(&self) {
+        self.context.draining.store(true, Ordering::SeqCst);
+        let jobs: Vec<Arc<Job>> = self.jobs.iter().map(|e| Arc::clone(e.value())).collect();
+        for job in jobs {
+            job.drain();
         }
     }
 

@@ -36,6 +36,9 @@ pub enum StepFailure {
     Restored,
     /// ReseedJob or a new run replaced this copy of the job.
     Replaced,
+    /// The server is shutting down: no rank can reach it any more, so the step cannot complete
+    /// here.
+    Draining,
     /// The job was deleted.
     Deleted,
 }

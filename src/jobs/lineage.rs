@@ -139,7 +139,8 @@ pub(super) fn check_fence(
 }
 
 impl Job {
-    /// A job put in place from outside: a reseed's state or a new run's empty one.
+    /// A copy put in place by ReseedJob: the state its caller acknowledged, and the last step
+    /// that state came from, kept for retries.
     pub(super) fn seeded(
         id: &str,
         spec: JobSpec,

@@ -46,6 +46,8 @@ fn registry_of(jobs: usize) -> Registry {
                 elements: i as u64 * 1000,
                 next_step: 0,
                 world_size_schedule: Vec::new(),
+                generation: 1,
+                run_id: String::new(),
                 create_time: now,
                 update_time: now,
             })

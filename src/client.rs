@@ -1,5 +1,11 @@
 //! A small typed client: float arrays in and out instead of packed bytes. The integration tests
-//! and the bench tool use it; other languages generate theirs from the proto.
+//! and the bench tool use it; other languages generate theirs from the proto. Every job-scoped
+//! call carries the job id in the `x-ghmd-job` header, so that a proxy can route it; a
+//! [`HealingSession`] also survives the death or restart of the replica holding its job.
+
+mod healing;
+
+pub use healing::{HealingError, HealingOptions, HealingSession, acknowledged_state, applied_step};
 
 use bytes::Bytes;
 use tonic::Status;
@@ -8,11 +14,12 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::api::JOB_HEADER;
 use crate::proto::harmonize_request::Input;
 use crate::proto::harmonizer_client::HarmonizerClient;
 use crate::proto::{
     CreateJobRequest, DeleteJobRequest, GetJobRequest, HarmonizeRequest, HarmonizeResponse,
-    Histogram, Job, JobSpec,
+    Histogram, Job, JobSpec, ReseedJobRequest, RestoreJobRequest,
 };
 
 /// Large enough for a 16M-element batch and its weights each way.
@@ -56,6 +63,16 @@ pub enum ClientError {
     InvalidToken,
 }
 
+/// A request with the job id in the routing header. An id that cannot be a header value is
+/// sent without it: the server refuses the id itself, with the reason.
+pub fn job_request<T>(job_id: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = job_id.parse::<MetadataValue<Ascii>>() {
+        request.metadata_mut().insert(JOB_HEADER, value);
+    }
+    request
+}
+
 /// Adds the bearer token, if any, to every call.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
@@ -85,6 +102,22 @@ impl Interceptor for Credentials {
     }
 }
 
+/// Where and how to connect, with the credentials to send.
+fn endpoint(
+    target: String,
+    options: &ClientOptions,
+) -> Result<(Endpoint, Credentials), ClientError> {
+    let credentials = match &options.token {
+        Some(token) => Credentials::bearer(token)?,
+        None => Credentials::default(),
+    };
+    let mut endpoint = Endpoint::from_shared(target)?;
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok((endpoint, credentials))
+}
+
 /// The channel under the typed client: a connection plus the caller's credentials.
 pub type Transport = InterceptedService<Channel, Credentials>;
 
@@ -105,16 +138,19 @@ impl Client {
         target: impl Into<String>,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        let credentials = match &options.token {
-            Some(token) => Credentials::bearer(token)?,
-            None => Credentials::default(),
-        };
-        let mut endpoint = Endpoint::from_shared(target.into())?;
-        if let Some(tls) = &options.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
+        let (endpoint, credentials) = endpoint(target.into(), options)?;
         let channel = endpoint.connect().await?;
         Ok(Self::with_credentials(channel, credentials))
+    }
+
+    /// Like `connect_with`, but the connection is made on the first call: what a client that
+    /// reconnects after a failure wants, since the server may not be back yet.
+    pub fn connect_lazy_with(
+        target: impl Into<String>,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let (endpoint, credentials) = endpoint(target.into(), options)?;
+        Ok(Self::with_credentials(endpoint.connect_lazy(), credentials))
     }
 
     pub fn from_channel(channel: Channel) -> Self {
@@ -135,10 +171,22 @@ impl Client {
     }
 
     pub async fn create_job(&mut self, job_id: &str, spec: JobSpec) -> Result<Job, Status> {
+        self.create_job_for_run(job_id, spec, "").await
+    }
+
+    /// CreateJob on behalf of one training run (see CreateJobRequest.run_id).
+    pub async fn create_job_for_run(
+        &mut self,
+        job_id: &str,
+        spec: JobSpec,
+        run_id: &str,
+    ) -> Result<Job, Status> {
         let request = CreateJobRequest {
             job_id: job_id.to_owned(),
             spec: Some(spec),
+            run_id: run_id.to_owned(),
         };
+        let request = job_request(job_id, request);
         Ok(self.inner.create_job(request).await?.into_inner())
     }
 
@@ -146,6 +194,7 @@ impl Client {
         let request = GetJobRequest {
             job_id: job_id.to_owned(),
         };
+        let request = job_request(job_id, request);
         Ok(self.inner.get_job(request).await?.into_inner())
     }
 
@@ -153,14 +202,26 @@ impl Client {
         let request = DeleteJobRequest {
             job_id: job_id.to_owned(),
         };
+        let request = job_request(job_id, request);
         self.inner.delete_job(request).await?;
         Ok(())
+    }
+
+    pub async fn restore_job(&mut self, request: RestoreJobRequest) -> Result<Job, Status> {
+        let request = job_request(&request.job_id.clone(), request);
+        Ok(self.inner.restore_job(request).await?.into_inner())
+    }
+
+    pub async fn reseed_job(&mut self, request: ReseedJobRequest) -> Result<Job, Status> {
+        let request = job_request(&request.job_id.clone(), request);
+        Ok(self.inner.reseed_job(request).await?.into_inner())
     }
 
     pub async fn harmonize(
         &mut self,
         request: HarmonizeRequest,
     ) -> Result<HarmonizeResponse, Status> {
+        let request = job_request(&request.job_id.clone(), request);
         Ok(self.inner.harmonize(request).await?.into_inner())
     }
 
@@ -194,6 +255,7 @@ impl Client {
             rank,
             input: Some(Input::Histogram(Histogram { counts, tot })),
             label_weights: Bytes::new(),
+            ..Default::default()
         })
         .await
     }
@@ -213,5 +275,6 @@ pub fn norms_request(
         rank,
         input: Some(Input::GradientNorms(f32s_to_bytes(norms))),
         label_weights: label_weights.map(f32s_to_bytes).unwrap_or_default(),
+        ..Default::default()
     }
 }

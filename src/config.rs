@@ -177,6 +177,17 @@ pub struct ServeConfig {
     /// Keep everything in memory: no data dir is read or written.
     #[arg(long, env = "GHMD_IN_MEMORY")]
     pub in_memory: bool,
+
+    /// Refuse job-scoped calls without the x-ghmd-job header (INVALID_ARGUMENT,
+    /// JOB_HEADER_MISSING): for replicas behind a proxy that routes jobs by it. Without it a
+    /// plain single server also serves clients that do not send it (grpcurl).
+    #[arg(long, env = "GHMD_REQUIRE_JOB_HEADER")]
+    pub require_job_header: bool,
+
+    /// CreateJob with another run_id than the job's is RUN_ACTIVE while the job changed less
+    /// than this long ago; after it the new run takes the job over, empty.
+    #[arg(long, env = "GHMD_RUN_TAKEOVER_AFTER", value_parser = humantime::parse_duration, default_value = "120s")]
+    pub run_takeover_after: Duration,
 }
 
 /// A zero interval would make the snapshot task spin (and a zero bench point measure nothing).

@@ -17,6 +17,7 @@ pub mod config;
 pub mod ghm;
 pub mod jobs;
 mod limit;
+mod linger;
 mod metrics;
 pub mod persist;
 mod probes;

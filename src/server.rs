@@ -10,11 +10,12 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 
-use crate::api::HarmonizerService;
+use crate::api::{HarmonizerService, Routing};
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::config::ServeConfig;
 use crate::jobs::Registry;
 use crate::limit::ConcurrencyLimitLayer;
+use crate::linger::Lingerers;
 use crate::metrics::{Exposition, GrpcMetricsLayer, JobDensity, Metrics};
 use crate::persist::{PersistError, Snapshotter};
 use crate::probes::Readiness;
@@ -191,9 +192,20 @@ impl Server {
         let reflection = reflection_builder().build_v1()?;
         let reflection_alpha = reflection_builder().build_v1alpha()?;
         let reaper = registry.spawn_reaper(config.job_ttl, stopped.signal());
-        let harmonizer = HarmonizerServer::new(HarmonizerService::new(registry))
-            .max_decoding_message_size(config.max_recv_message_bytes)
-            .max_encoding_message_size(config.max_send_message_bytes);
+        // Open streams end at a message boundary once the server drains, after readiness and
+        // health have dropped, so that an idle one does not hold the exit.
+        let drained = registry.clone();
+        let harmonizer = HarmonizerServer::new(
+            HarmonizerService::new(registry)
+                .with_routing(Routing::new(
+                    config.require_job_header,
+                    Arc::new(metrics.clone()),
+                ))
+                .with_run_takeover_after(config.run_takeover_after)
+                .with_drain(draining.signal()),
+        )
+        .max_decoding_message_size(config.max_recv_message_bytes)
+        .max_encoding_message_size(config.max_send_message_bytes);
         // Health stays open for probes; the Harmonizer and reflection need a token when there
         // is a tokens file (reflection shows only the public contract, but an unknown caller
         // has no use for it).
@@ -231,6 +243,9 @@ impl Server {
                 .set_not_serving::<HarmonizerServer<HarmonizerService>>()
                 .await;
             draining.stop();
+            // No rank can reach this server any more: steps still waiting for one end now,
+            // instead of at their step timeout, so that their ranks move on.
+            drained.drain();
         };
 
         let connection_limits = crate::transport::ConnectionLimits::from_config(&config);
@@ -256,6 +271,7 @@ impl Server {
             ],
         );
         readiness.set(true);
+        let lingerers = Lingerers::default();
         let serve = builder
             .layer(metrics_layer)
             .layer(
@@ -267,9 +283,13 @@ impl Server {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(harmonizer)
-            // TCP_NODELAY, keepalive, the connection cap and the handshake timeout: transport.rs.
+            // TCP_NODELAY, keepalive, the connection cap and the handshake timeout: transport.rs;
+            // the lingering close after the last response: linger.rs.
             .serve_with_incoming_shutdown(
-                crate::transport::incoming(listener, connection_limits, connection_metrics),
+                crate::linger::lingering(
+                    crate::transport::incoming(listener, connection_limits, connection_metrics),
+                    lingerers.clone(),
+                ),
                 signal,
             );
         let served = tokio::select! {
@@ -288,6 +308,8 @@ impl Server {
             reloader,
         };
         let stopped_cleanly = background.stop(stopped, closed).await;
+        // The last connections close without cutting off the end of a response.
+        lingerers.wait(crate::linger::LINGER).await;
         served?;
         stopped_cleanly?;
         tracing::info!("ghmd stopped");

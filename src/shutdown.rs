@@ -41,6 +41,11 @@ impl Shutdown {
         // An error means the stopper is gone, which is a stop too.
         let _ = self.0.wait_for(|stopped| *stopped).await;
     }
+
+    /// Whether the server has stopped (or its stopper is gone), without waiting.
+    pub fn is_stopped(&self) -> bool {
+        *self.0.borrow() || self.0.has_changed().is_err()
+    }
 }
 
 #[cfg(test)]

@@ -108,6 +108,7 @@ async fn run_async(selector: u8, mut bytes: &[u8]) -> Outcome {
         .create_job(with_access(CreateJobRequest {
             job_id: JOB.to_owned(),
             spec,
+            ..Default::default()
         }))
         .await;
     let job = match created {
@@ -140,6 +141,7 @@ async fn run_async(selector: u8, mut bytes: &[u8]) -> Outcome {
             tot: 0.0,
         })),
         label_weights: Default::default(),
+        ..Default::default()
     });
     let fuzzed = service.harmonize(with_access(request));
     let result = match companion {

@@ -9,8 +9,8 @@ use tonic::Status;
 use super::status::missing;
 use crate::ghm::{self, Loss};
 use crate::jobs::{
-    BatchInput, JobSnapshot, JobSpec, JobUpdate, StepInput, StepOutcome, WorldSizeChange,
-    check_world_size,
+    BatchInput, Fence, JobSnapshot, JobSpec, JobUpdate, Reseed, SeedState, SeedStep, StepInput,
+    StepOutcome, WorldSizeChange, check_world_size,
 };
 use crate::proto;
 
@@ -111,17 +111,23 @@ pub fn job_to_proto(job: JobSnapshot) -> proto::Job {
             steps: job.steps,
             elements: job.elements,
             next_step: job.next_step,
+            generation: job.generation,
         }),
         create_time: Some(job.create_time.into()),
         update_time: Some(job.update_time.into()),
         job_id: job.id,
+        run_id: job.run_id,
     }
 }
 
-/// Splits a request into its job id and the domain's view of it.
+/// Splits a request into its job id, the domain's view of it and the lineage it expects.
 pub fn step_input_from_proto(
     request: proto::HarmonizeRequest,
-) -> Result<(String, StepInput), Status> {
+) -> Result<(String, StepInput, Fence), Status> {
+    let fence = Fence {
+        generation: request.expected_generation,
+        steps: request.expected_steps,
+    };
     use proto::harmonize_request::Input;
     let batch = match request.input {
         Some(Input::GradientNorms(bytes)) => BatchInput::GradientNorms(bytes),
@@ -147,6 +153,7 @@ pub fn step_input_from_proto(
             batch,
             label_weights,
         },
+        fence,
     ))
 }
 
@@ -161,7 +168,44 @@ pub fn outcome_to_proto(job_id: String, outcome: StepOutcome) -> proto::Harmoniz
         nonempty_bins: applied.table.nonempty_bins,
         acc_sum: applied.acc_sum.clone(),
         missing_ranks: applied.missing_ranks.clone(),
+        steps: applied.counters.steps,
+        elements: applied.counters.elements,
+        next_step: applied.counters.next_step,
+        generation: applied.counters.generation,
     }
+}
+
+/// A ReseedJob request in the domain's terms; its state and last step are checked by the
+/// registry, as a RestoreJob's are.
+pub fn reseed_from_proto(
+    request: proto::ReseedJobRequest,
+    max_step_timeout: Duration,
+) -> Result<(String, Reseed), Status> {
+    let spec = spec_from_proto(request.spec, max_step_timeout)?;
+    let state = request.state.ok_or_else(|| missing("state"))?;
+    let last_step = request.last_step.map(|last| SeedStep {
+        step: last.step,
+        bin_weights: last.bin_weights,
+        tot: last.tot,
+        nonempty_bins: last.nonempty_bins,
+        acc_sum: last.acc_sum,
+        missing_ranks: last.missing_ranks,
+    });
+    Ok((
+        request.job_id,
+        Reseed {
+            spec,
+            run_id: request.run_id,
+            state: SeedState {
+                acc_sum: state.acc_sum,
+                steps: state.steps,
+                elements: state.elements,
+                next_step: state.next_step,
+                generation: state.generation,
+            },
+            last_step,
+        },
+    ))
 }
 
 pub fn update_from_proto(request: &proto::UpdateJobRequest) -> Result<JobUpdate, Status> {

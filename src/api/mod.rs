@@ -3,7 +3,10 @@
 
 mod access;
 mod convert;
+pub mod error_info;
 mod harmonizer;
+pub mod routing;
 mod status;
 
-pub use harmonizer::HarmonizerService;
+pub use harmonizer::{DEFAULT_RUN_TAKEOVER_AFTER, HarmonizerService};
+pub use routing::{JOB_HEADER, Routing, RoutingObserver};

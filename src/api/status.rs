@@ -3,28 +3,66 @@
 
 use tonic::{Code, Status};
 
+use super::error_info::{JOB_NOT_HERE, RUN_ACTIVE, RUN_REPLACED, STALE_COPY, status_with_reason};
 use crate::jobs::JobError;
 
-/// The single place where domain errors become gRPC statuses.
+/// The single place where domain errors become gRPC statuses. The errors a client heals from
+/// (or must stop on) carry an ErrorInfo reason, with the copy's lineage where there is one.
 impl From<JobError> for Status {
     fn from(error: JobError) -> Self {
-        let code = match &error {
+        let (code, reason, lineage) = match &error {
             JobError::InvalidJobId { .. }
             | JobError::InvalidSpec(_)
             | JobError::Input { .. }
-            | JobError::InvalidRequest { .. } => Code::InvalidArgument,
-            JobError::NotFound { .. } => Code::NotFound,
-            JobError::AlreadyExists { .. } => Code::AlreadyExists,
-            JobError::Aborted { .. } => Code::Aborted,
+            | JobError::InvalidRequest { .. } => (Code::InvalidArgument, None, None),
+            JobError::NotFound { .. } => (Code::NotFound, Some(JOB_NOT_HERE), None),
+            JobError::AlreadyExists { .. } => (Code::AlreadyExists, None, None),
+            JobError::Aborted { .. } => (Code::Aborted, None, None),
             JobError::StepExpired { .. } | JobError::FailedPrecondition { .. } => {
-                Code::FailedPrecondition
+                (Code::FailedPrecondition, None, None)
             }
+            JobError::StaleCopy {
+                generation, steps, ..
+            } => (
+                Code::FailedPrecondition,
+                Some(STALE_COPY),
+                Some((*generation, *steps)),
+            ),
+            JobError::RunActive {
+                generation, steps, ..
+            } => (
+                Code::FailedPrecondition,
+                Some(RUN_ACTIVE),
+                Some((*generation, *steps)),
+            ),
+            JobError::RunReplaced {
+                generation, steps, ..
+            } => (
+                Code::FailedPrecondition,
+                Some(RUN_REPLACED),
+                Some((*generation, *steps)),
+            ),
             JobError::ResourceExhausted { .. } | JobError::ResponseTooLarge(_) => {
-                Code::ResourceExhausted
+                (Code::ResourceExhausted, None, None)
             }
-            JobError::Internal(_) => Code::Internal,
+            JobError::Unavailable { .. } => (Code::Unavailable, None, None),
+            JobError::Internal(_) => (Code::Internal, None, None),
         };
-        Status::new(code, error.to_string())
+        let message = error.to_string();
+        match reason {
+            None => Status::new(code, message),
+            Some(reason) => {
+                let metadata: Vec<(&str, String)> = lineage
+                    .map(|(generation, steps)| {
+                        vec![
+                            ("generation", generation.to_string()),
+                            ("steps", steps.to_string()),
+                        ]
+                    })
+                    .unwrap_or_default();
+                status_with_reason(code, message, reason, &metadata)
+            }
+        }
     }
 }
 

@@ -117,6 +117,7 @@ async fn create_job(
             world_size,
             ..Default::default()
         }),
+        ..Default::default()
     };
     rpc("CreateJob", client.create_job(request).await)?;
     Ok(())

@@ -59,6 +59,19 @@ impl BinTable {
         &self.lookup[..self.lookup.len() - 1]
     }
 
+    /// A table as a response reported it (a reseed's last step), so that a retry of that step
+    /// is weighed exactly as the original was.
+    pub fn from_bin_weights(bin_weights: &[f32], tot: f64, nonempty_bins: u32) -> Self {
+        let mut lookup = Vec::with_capacity(bin_weights.len() + 1);
+        lookup.extend_from_slice(bin_weights);
+        lookup.push(0.0);
+        Self {
+            lookup,
+            tot,
+            nonempty_bins,
+        }
+    }
+
     pub(super) fn lookup_with_invalid_slot(&self) -> &[f32] {
         &self.lookup
     }

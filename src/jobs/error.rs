@@ -12,6 +12,44 @@ pub enum JobError {
     InvalidSpec(String),
     #[error("job {id:?} not found")]
     NotFound { id: String },
+    /// Fencing: this copy holds less than the caller saw, so it must not answer.
+    #[error(
+        "job {id:?}: this copy is stale: it is at generation {generation} with {steps} steps, \
+         the request expects at least generation {expected_generation} with \
+         {expected_steps} steps; reseed the job (ReseedJob) and send the request again"
+    )]
+    StaleCopy {
+        id: String,
+        generation: u64,
+        steps: u64,
+        expected_generation: u64,
+        expected_steps: u64,
+    },
+    /// Another run still uses the job.
+    #[error(
+        "job {id:?} belongs to run {run_id:?}, whose last change was {idle:?} ago (less than \
+         --run-takeover-after {takeover_after:?}): two live runs cannot share one job; use \
+         another job_id, or wait until the other run has stopped"
+    )]
+    RunActive {
+        id: String,
+        run_id: String,
+        idle: std::time::Duration,
+        takeover_after: std::time::Duration,
+        generation: u64,
+        steps: u64,
+    },
+    /// The job was taken over by a newer run.
+    #[error(
+        "job {id:?} now belongs to run {run_id:?} (generation {generation}): this run was \
+         replaced and must not reseed it"
+    )]
+    RunReplaced {
+        id: String,
+        run_id: String,
+        generation: u64,
+        steps: u64,
+    },
     #[error("job {id:?} already exists with another spec")]
     AlreadyExists { id: String },
     #[error("job {id:?}: {source}")]
@@ -33,6 +71,10 @@ pub enum JobError {
     FailedPrecondition { id: String, reason: String },
     #[error("job {id:?}: {reason}")]
     ResourceExhausted { id: String, reason: String },
+    /// This server cannot serve the request now (it is shutting down); another replica, or
+    /// this one once back, can.
+    #[error("job {id:?}: {reason}")]
+    Unavailable { id: String, reason: String },
     /// The weights of a batch this large could not be sent back within `--max-send-message-bytes`;
     /// refused before its step is applied.
     #[error("{0}")]

@@ -4,12 +4,14 @@
 //! O(elements) passes run outside it, large ones on the blocking pool.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::lineage::{Counters, Fence, check_fence};
 use super::sync::{
     Deadline, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier, StepFailure,
     WorldSizeChange,
@@ -65,6 +67,9 @@ pub struct AppliedStep {
     pub acc_sum: Vec<f32>,
     /// Ranks the step was applied without (partial steps only).
     pub missing_ranks: Vec<u32>,
+    /// The job's counters right after the step, kept with the table so that a retry reports
+    /// them as they were.
+    pub counters: Counters,
 }
 
 /// One request's answer: the shared step outcome plus this request's own element weights.
@@ -90,6 +95,10 @@ pub struct JobSnapshot {
     /// Step-synchronous jobs: the world size from each step on, oldest first, starting at or
     /// before `next_step`; empty for asynchronous jobs.
     pub world_size_schedule: Vec<WorldSizeChange>,
+    /// The lineage's generation (>= 1): see `lineage`.
+    pub generation: u64,
+    /// The training run that owns the job; empty if none was given.
+    pub run_id: String,
     pub create_time: SystemTime,
     pub update_time: SystemTime,
 }
@@ -103,6 +112,8 @@ pub(super) struct JobContext {
     pub max_pending_steps: usize,
     /// Batches with more elements than this are weighed on the blocking pool.
     pub offload_elements: usize,
+    /// Set once the server drains: no rank may join a step any more (see `Job::drain`).
+    pub draining: AtomicBool,
 }
 
 /// What `UpdateJob` may change.
@@ -122,6 +133,8 @@ struct Progress {
     density: Density,
     steps: u64,
     elements: u64,
+    /// The lineage's generation: advanced when the state is put in place from outside.
+    generation: u64,
     update_time: SystemTime,
 }
 
@@ -137,6 +150,7 @@ pub struct Job {
     id: String,
     ghm: ghm::Spec,
     edges: BinEdges,
+    run_id: String,
     create_time: SystemTime,
     context: Arc<JobContext>,
     /// A `parking_lot` mutex and not a tokio one: it is never held across an await, and the
@@ -159,7 +173,13 @@ impl PreparedBatch {
 }
 
 impl Job {
-    pub(super) fn new(id: String, spec: JobSpec, context: Arc<JobContext>) -> Self {
+    pub(super) fn new(
+        id: String,
+        spec: JobSpec,
+        run_id: String,
+        generation: u64,
+        context: Arc<JobContext>,
+    ) -> Self {
         let now = SystemTime::now();
         let sync = spec.is_step_synchronous().then(|| {
             Box::new(Barrier::new(
@@ -176,6 +196,7 @@ impl Job {
                     density: Density::new(spec.ghm.bins()),
                     steps: 0,
                     elements: 0,
+                    generation,
                     update_time: now,
                 },
                 step_timeout: spec.step_timeout,
@@ -184,6 +205,7 @@ impl Job {
             }),
             id,
             ghm: spec.ghm,
+            run_id,
             create_time: now,
             context,
         }
@@ -225,6 +247,9 @@ impl Job {
                     density: Density::from_acc_sum(snapshot.acc_sum),
                     steps: snapshot.steps,
                     elements: snapshot.elements,
+                    // A state file from before generations holds generation 0: its jobs start
+                    // the lineage at 1, as if created.
+                    generation: snapshot.generation.max(1),
                     update_time: snapshot.update_time,
                 },
                 step_timeout: snapshot.spec.step_timeout,
@@ -233,6 +258,7 @@ impl Job {
             }),
             id: snapshot.id,
             ghm: snapshot.spec.ghm,
+            run_id: snapshot.run_id,
             create_time: snapshot.create_time,
             context,
         })
@@ -240,6 +266,10 @@ impl Job {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     pub fn loss(&self) -> Loss {
@@ -295,6 +325,8 @@ impl Job {
             elements: state.progress.elements,
             next_step,
             world_size_schedule,
+            generation: state.progress.generation,
+            run_id: self.run_id.clone(),
             create_time: self.create_time,
             update_time: state.progress.update_time,
         }
@@ -390,6 +422,7 @@ impl Job {
         counts: &BatchCounts,
         ranks: usize,
         missing_ranks: Vec<u32>,
+        next_step_after: u64,
     ) -> Arc<AppliedStep> {
         let table = progress.density.step(self.ghm.momentum(), counts);
         // Saturating like `elements`: a restored or loaded job may start at u64::MAX.
@@ -411,6 +444,12 @@ impl Job {
             table,
             acc_sum,
             missing_ranks,
+            counters: Counters {
+                generation: progress.generation,
+                steps: progress.steps,
+                elements: progress.elements,
+                next_step: next_step_after,
+            },
         })
     }
 
@@ -424,7 +463,7 @@ impl Job {
     }
 
     /// An asynchronous step: prepared, applied and weighed at once.
-    fn run_async_step(&self, input: &StepInput) -> Result<StepOutcome, JobError> {
+    fn run_async_step(&self, input: &StepInput, fence: Fence) -> Result<StepOutcome, JobError> {
         if input.rank != 0 {
             return Err(self.invalid_request(format!(
                 "rank = {}: an asynchronous job has only rank 0",
@@ -434,7 +473,8 @@ impl Job {
         let (batch, counts) = self.prepare(input)?;
         let applied = {
             let mut state = self.state.lock();
-            self.apply_locked(&mut state.progress, &counts, 1, Vec::new())
+            self.check_fence(&state.progress, fence)?;
+            self.apply_locked(&mut state.progress, &counts, 1, Vec::new(), 0)
         };
         let weights = self.weigh(&batch, &applied.table);
         Ok(StepOutcome {
@@ -450,13 +490,17 @@ impl Job {
     pub(super) async fn harmonize(
         self: Arc<Self>,
         input: StepInput,
+        fence: Fence,
     ) -> Result<StepOutcome, JobError> {
+        // Checked before any work, and again where the request joins its step: a stale copy
+        // must not even bin a batch it will never answer.
+        self.check_fence(&self.state.lock().progress, fence)?;
         let large = input.batch.element_count() > self.context.offload_elements;
         if !self.is_step_synchronous() {
             if !large {
-                return self.run_async_step(&input);
+                return self.run_async_step(&input, fence);
             }
-            return offload(move || self.run_async_step(&input)).await?;
+            return offload(move || self.run_async_step(&input, fence)).await?;
         }
 
         let (step, rank) = (input.step, input.rank);
@@ -466,7 +510,7 @@ impl Job {
         } else {
             self.prepare(&input)?
         };
-        let applied = match self.contribute(step, rank, counts)? {
+        let applied = match self.contribute(step, rank, counts, fence)? {
             Joined::Applied(applied) => applied,
             Joined::Waiting(receiver) => receiver
                 .await
@@ -515,6 +559,11 @@ impl Job {
             StepFailure::Restored => {
                 format!("step {step} aborted: the job was restored from a checkpoint meanwhile")
             }
+            StepFailure::Draining => return self.draining_error(step),
+            StepFailure::Replaced => format!(
+                "step {step} aborted: this copy of the job was replaced (reseeded, or taken over \
+                 by a new run) while the step waited; send it again"
+            ),
             StepFailure::Deleted => {
                 format!("step {step} aborted: the job was deleted while the step waited")
             }
@@ -533,10 +582,17 @@ impl Job {
         step: u64,
         rank: u32,
         counts: BatchCounts,
+        fence: Fence,
     ) -> Result<Joined<Arc<AppliedStep>>, JobError> {
         let (joined, new_attempt) = {
             let mut state = self.state.lock();
             let timeout = state.step_timeout;
+            self.check_fence(&state.progress, fence)?;
+            // Checked under the lock `drain` takes, so that no rank joins a step after the
+            // drain failed the pending ones.
+            if self.context.draining.load(Ordering::SeqCst) {
+                return Err(self.draining_error(step));
+            }
             let JobState { progress, sync, .. } = &mut *state;
             let Some(sync) = sync.as_mut() else {
                 return Err(self.sync_error("not step-synchronous"));
@@ -601,6 +657,7 @@ impl Job {
             &total,
             ready.contributions.len(),
             ready.missing_ranks,
+            ready.step + 1,
         )
     }
 
@@ -712,6 +769,8 @@ impl Job {
             density: Density::from_acc_sum(acc_sum),
             steps,
             elements,
+            // A restored state is a history of its own: copies from before it are fenced.
+            generation: state.progress.generation.saturating_add(1),
             update_time: SystemTime::now(),
         };
         Ok(())
@@ -719,9 +778,65 @@ impl Job {
 
     /// Ends every waiting request of a job that is going away.
     pub(super) fn close(&self) {
+        self.fail_pending(|| StepFailure::Deleted);
+    }
+
+    /// Ends every waiting step of a server that is shutting down: no other rank can reach it
+    /// any more, so the ranks that wait would wait for their step timeout; they send the step
+    /// again where the job goes on. The registry has set `draining` first.
+    pub(super) fn drain(&self) {
+        self.fail_pending(|| StepFailure::Draining);
+    }
+
+    fn draining_error(&self, step: u64) -> JobError {
+        JobError::Unavailable {
+            id: self.id().to_owned(),
+            reason: format!(
+                "step {step}: this server is shutting down and cannot complete the step; \
+                 nothing was applied, send it again (to another replica, or to this one once \
+                 it is back)"
+            ),
+        }
+    }
+
+    /// Ends every waiting request of a copy that another copy replaces; they may send again.
+    pub(super) fn close_replaced(&self) {
+        self.fail_pending(|| StepFailure::Replaced);
+    }
+
+    fn fail_pending(&self, failure: impl Fn() -> StepFailure) {
         let mut state = self.state.lock();
         if let Some(sync) = state.sync.as_mut() {
-            sync.fail_all_pending(|| StepFailure::Deleted);
+            sync.fail_all_pending(failure);
+        }
+    }
+}
+
+/// The lineage's side of a job (the rules are in `lineage`).
+impl Job {
+    /// The copy's (generation, steps), read together.
+    pub(super) fn lineage(&self) -> (u64, u64) {
+        let state = self.state.lock();
+        (state.progress.generation, state.progress.steps)
+    }
+
+    /// Fencing, with the job's lock held, so that no step can slip between the check and the
+    /// request joining its step.
+    fn check_fence(&self, progress: &Progress, fence: Fence) -> Result<(), JobError> {
+        check_fence(
+            self.id(),
+            (progress.generation, progress.steps),
+            fence,
+            &*self.context.observer,
+        )
+    }
+
+    /// Keeps an applied step's outcome for retries, as if it had been applied here (a reseed
+    /// brings the last step its clients saw).
+    pub(super) fn keep_applied(&self, step: u64, applied: AppliedStep) {
+        let mut state = self.state.lock();
+        if let Some(sync) = state.sync.as_mut() {
+            sync.keep(step, Arc::new(applied));
         }
     }
 }
@@ -760,7 +875,7 @@ async fn offload<T: Send + 'static>(
 }
 
 /// Checks a restored density: one finite, non-negative value per bin.
-fn check_acc_sum(id: &str, acc_sum: &[f32], bins: usize) -> Result<(), JobError> {
+pub(super) fn check_acc_sum(id: &str, acc_sum: &[f32], bins: usize) -> Result<(), JobError> {
     let reason = if acc_sum.len() != bins {
         format!(
             "state.acc_sum has {} entries: the job has {bins} bins",

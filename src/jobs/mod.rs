@@ -11,6 +11,7 @@
 
 mod error;
 mod job;
+mod lineage;
 mod observer;
 mod registry;
 mod spec;
@@ -18,6 +19,9 @@ mod sync;
 
 pub use error::JobError;
 pub use job::{AppliedStep, BatchInput, Job, JobSnapshot, JobUpdate, StepInput, StepOutcome};
+pub use lineage::{
+    Counters, Fence, MAX_RUN_ID_LEN, Reseed, ReseedOutcome, SeedState, SeedStep, validate_run_id,
+};
 pub use observer::{NoObserver, StepObserver};
 pub use registry::{ListPage, Registry, RegistryLimits};
 pub use spec::{

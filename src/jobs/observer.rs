@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::ReseedOutcome;
 use crate::ghm::Loss;
 
 /// What the registry reports as steps happen, so that the metrics module can count them without
@@ -34,6 +35,15 @@ pub trait StepObserver: Send + Sync + 'static {
 
     /// `count` jobs were deleted for being idle longer than the job TTL.
     fn jobs_reaped(&self, _count: u64) {}
+
+    /// A ReseedJob ended with `outcome`.
+    fn job_reseeded(&self, _outcome: ReseedOutcome) {}
+
+    /// A fenced request was refused: the copy is stale (`not_here` false) or absent (true).
+    fn fenced_refusal(&self, _not_here: bool) {}
+
+    /// A new run took a job over from an inactive one.
+    fn run_taken_over(&self) {}
 }
 
 /// The observer of a registry nobody watches.

@@ -2,7 +2,7 @@
 //! before it reaches its job, and the background task that deletes idle jobs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -10,9 +10,11 @@ use dashmap::mapref::entry::Entry;
 use tokio::task::JoinHandle;
 
 use super::job::{Job, JobContext};
+use super::lineage::{check_reseed, may_take_over};
 use super::{
-    BatchInput, JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver,
-    StepOutcome, check_step_timeout, check_world_size, validate_job_id,
+    BatchInput, Fence, JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, Reseed,
+    ReseedOutcome, StepInput, StepObserver, StepOutcome, check_step_timeout, check_world_size,
+    validate_job_id, validate_run_id,
 };
 use crate::ghm;
 use crate::shutdown::Shutdown;
@@ -47,7 +49,7 @@ pub struct RegistryLimits {
 /// is added to it; then every other field with its tag and length, both tables at the largest
 /// bin count, and the missing ranks of the largest world.
 const RESPONSE_OVERHEAD: usize =
-    6 * 11 + 2 * 4 * ghm::MAX_BINS as usize + 5 * super::MAX_WORLD_SIZE as usize;
+    10 * 11 + 2 * 4 * ghm::MAX_BINS as usize + 5 * super::MAX_WORLD_SIZE as usize;
 
 /// A cheap, cloneable handle to every job of the server.
 #[derive(Clone)]
@@ -89,6 +91,7 @@ impl Registry {
                 kept_steps: limits.kept_steps,
                 max_pending_steps: limits.max_pending_steps,
                 offload_elements: limits.offload_elements,
+                draining: AtomicBool::new(false),
             }),
         }
     }
@@ -126,28 +129,181 @@ impl Registry {
     /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
     /// a distributed job may call this at start-up. The bool says whether it was created.
     pub fn create(&self, id: &str, spec: JobSpec) -> Result<(JobSnapshot, bool), JobError> {
+        self.create_for_run(id, spec, "", Duration::MAX)
+    }
+
+    /// CreateJob with a run identity: the same run (or none on both sides) is idempotent as
+    /// `create`; another run gets RUN_ACTIVE while the job changed less than `takeover_after`
+    /// ago, and otherwise takes the job over, empty, at the next generation. The bool says
+    /// whether a job was created (or taken over).
+    pub fn create_for_run(
+        &self,
+        id: &str,
+        spec: JobSpec,
+        run_id: &str,
+        takeover_after: Duration,
+    ) -> Result<(JobSnapshot, bool), JobError> {
         spec.check("spec.", Some(self.max_step_timeout))
             .map_err(JobError::InvalidSpec)?;
         validate_job_id(id)?;
+        validate_run_id(id, run_id)?;
         let spec = spec.normalized();
         let job = match self.jobs.entry(id.to_owned()) {
-            Entry::Occupied(existing) => {
+            Entry::Occupied(mut existing) => {
                 let job = Arc::clone(existing.get());
-                drop(existing);
-                if job.spec() != spec {
-                    return Err(JobError::AlreadyExists { id: id.to_owned() });
+                if job.run_id() == run_id {
+                    drop(existing);
+                    if job.spec() != spec {
+                        return Err(JobError::AlreadyExists { id: id.to_owned() });
+                    }
+                    return Ok((job.snapshot(), false));
                 }
-                return Ok((job.snapshot(), false));
+                let idle = job.idle_for(SystemTime::now());
+                let (generation, steps) = job.lineage();
+                if !may_take_over(idle, takeover_after) {
+                    return Err(JobError::RunActive {
+                        id: id.to_owned(),
+                        run_id: job.run_id().to_owned(),
+                        idle: idle.unwrap_or(Duration::ZERO),
+                        takeover_after,
+                        generation,
+                        steps,
+                    });
+                }
+                let taken = Arc::new(Job::new(
+                    id.to_owned(),
+                    spec,
+                    run_id.to_owned(),
+                    generation.saturating_add(1),
+                    Arc::clone(&self.context),
+                ));
+                existing.insert(Arc::clone(&taken));
+                drop(existing);
+                self.replaced(&job, &taken);
+                self.context.observer.run_taken_over();
+                tracing::info!(
+                    job_id = id,
+                    old_run = job.run_id(),
+                    new_run = run_id,
+                    "job taken over by a new run"
+                );
+                return Ok((taken.snapshot(), true));
             }
             Entry::Vacant(slot) => {
                 self.reserve_place(id)?;
-                let job = Arc::new(Job::new(id.to_owned(), spec, Arc::clone(&self.context)));
+                let job = Arc::new(Job::new(
+                    id.to_owned(),
+                    spec,
+                    run_id.to_owned(),
+                    1,
+                    Arc::clone(&self.context),
+                ));
                 slot.insert(Arc::clone(&job));
                 job
             }
         };
         self.context.observer.jobs_changed(job.loss(), 1);
         Ok((job.snapshot(), true))
+    }
+
+    /// ReseedJob, by the rule written at ReseedJobRequest. The decision and the replacement
+    /// happen under the job's map shard, so that W ranks racing to reseed converge on one copy.
+    pub fn reseed(
+        &self,
+        id: &str,
+        reseed: Reseed,
+    ) -> Result<(JobSnapshot, ReseedOutcome), JobError> {
+        let result = self.reseed_inner(id, reseed);
+        self.context.observer.job_reseeded(match &result {
+            Ok((_, outcome)) => *outcome,
+            Err(_) => ReseedOutcome::Refused,
+        });
+        result
+    }
+
+    fn reseed_inner(
+        &self,
+        id: &str,
+        reseed: Reseed,
+    ) -> Result<(JobSnapshot, ReseedOutcome), JobError> {
+        reseed
+            .spec
+            .check("spec.", Some(self.max_step_timeout))
+            .map_err(JobError::InvalidSpec)?;
+        validate_job_id(id)?;
+        validate_run_id(id, &reseed.run_id)?;
+        let spec = reseed.spec.normalized();
+        let seen = &reseed.state;
+        check_reseed(id, &spec, seen, reseed.last_step.as_ref())?;
+        let seed = |generation: u64| {
+            Job::seeded(
+                id,
+                spec.clone(),
+                &reseed.run_id,
+                generation,
+                seen,
+                reseed.last_step.as_ref(),
+                Arc::clone(&self.context),
+            )
+            .map(Arc::new)
+        };
+        match self.jobs.entry(id.to_owned()) {
+            Entry::Vacant(slot) => {
+                let job = seed(seen.generation.saturating_add(1))?;
+                self.reserve_place(id)?;
+                slot.insert(Arc::clone(&job));
+                self.context.observer.jobs_changed(job.loss(), 1);
+                Ok((job.snapshot(), ReseedOutcome::Created))
+            }
+            Entry::Occupied(mut existing) => {
+                let copy = Arc::clone(existing.get());
+                let (generation, steps) = copy.lineage();
+                // An empty run id differs too: a caller without one is not the run that took the
+                // job over, and must not put the old run's state back over it.
+                if copy.run_id() != reseed.run_id && generation >= seen.generation {
+                    return Err(JobError::RunReplaced {
+                        id: id.to_owned(),
+                        run_id: copy.run_id().to_owned(),
+                        generation,
+                        steps,
+                    });
+                }
+                if generation >= seen.generation && steps >= seen.steps {
+                    if copy.spec() != spec {
+                        return Err(JobError::AlreadyExists { id: id.to_owned() });
+                    }
+                    return Ok((copy.snapshot(), ReseedOutcome::Unchanged));
+                }
+                // A stale copy of another kind of job is some other job under this id: it is
+                // not this caller's to overwrite.
+                if copy.spec().ghm != spec.ghm {
+                    return Err(JobError::AlreadyExists { id: id.to_owned() });
+                }
+                let job = seed(generation.max(seen.generation).saturating_add(1))?;
+                existing.insert(Arc::clone(&job));
+                drop(existing);
+                self.replaced(&copy, &job);
+                Ok((job.snapshot(), ReseedOutcome::Replaced))
+            }
+        }
+    }
+
+    /// The server is shutting down: every step that waits ends UNAVAILABLE, and no rank joins
+    /// a step any more (its other ranks could no longer reach this server). Asynchronous
+    /// requests in flight still finish.
+    pub fn drain(&self) {
+        self.context.draining.store(true, Ordering::SeqCst);
+        let jobs: Vec<Arc<Job>> = self.jobs.iter().map(|e| Arc::clone(e.value())).collect();
+        for job in jobs {
+            job.drain();
+        }
+    }
+
+    /// Accounts for `old` leaving the map in favour of `new` under the same id.
+    fn replaced(&self, old: &Job, new: &Job) {
+        old.close_replaced();
+        self.context.observer.jobs_changed(old.loss(), -1);
+        self.context.observer.jobs_changed(new.loss(), 1);
     }
 
     /// Puts a job back exactly as a snapshot recorded it (state loaded at start-up), replacing
@@ -295,8 +451,23 @@ impl Registry {
     /// Weighs one request: at once for an asynchronous job, once its step is complete for a
     /// step-synchronous one.
     pub async fn harmonize(&self, id: &str, input: StepInput) -> Result<StepOutcome, JobError> {
+        self.harmonize_fenced(id, input, Fence::default()).await
+    }
+
+    /// Weighs one request if this copy holds the lineage `fence` names (see `lineage`).
+    pub async fn harmonize_fenced(
+        &self,
+        id: &str,
+        input: StepInput,
+        fence: Fence,
+    ) -> Result<StepOutcome, JobError> {
         self.check_request_size(id, &input.batch)?;
-        self.get(id)?.harmonize(input).await
+        let job = self.get(id).inspect_err(|error| {
+            if fence.is_active() && matches!(error, JobError::NotFound { .. }) {
+                self.context.observer.fenced_refusal(true);
+            }
+        })?;
+        job.harmonize(input, fence).await
     }
 
     /// The limits on a Harmonize request's size, before anything else is looked at: the

@@ -34,6 +34,11 @@ pub enum StepFailure {
     Superseded,
     /// The job was put back to another state (a restore).
     Restored,
+    /// ReseedJob or a new run replaced this copy of the job.
+    Replaced,
+    /// The server is shutting down: no rank can reach it any more, so the step cannot complete
+    /// here.
+    Draining,
     /// The job was deleted.
     Deleted,
 }
@@ -86,6 +91,8 @@ pub enum Deadline {
 /// A step whose rank contributions are complete (or partial after its deadline), handed to the
 /// job to be applied.
 pub struct ReadyStep<C> {
+    /// The step's number.
+    pub step: u64,
     /// One per rank present, in rank order, so that a reduction over them is deterministic.
     pub contributions: Vec<C>,
     /// Ranks the step is applied without (partial steps only).
@@ -268,6 +275,7 @@ impl<C, O: Clone> StepBarrier<C, O> {
                 .map(|contribution| (contribution.data, contribution.waiter))
                 .unzip();
             let applied = apply(ReadyStep {
+                step: head,
                 contributions,
                 missing_ranks,
                 last_rank_wait,
@@ -379,6 +387,16 @@ impl<C, O: Clone> StepBarrier<C, O> {
     }
 
     /// Ends every pending step with `failure` (restore, delete).
+    /// Keeps a step's outcome for retries as if it had been applied here (a reseed brings the
+    /// last step its clients saw).
+    pub fn keep(&mut self, step: u64, outcome: O) {
+        self.recent.retain(|(kept, _)| *kept != step);
+        self.recent.push_back((step, outcome));
+        while self.recent.len() > self.kept_steps.max(1) {
+            self.recent.pop_front();
+        }
+    }
+
     pub fn fail_all_pending(&mut self, failure: impl Fn() -> StepFailure) {
         for (_, pending) in std::mem::take(&mut self.pending) {
             for (_, contribution) in pending.contributions {

@@ -7,6 +7,7 @@
 //! registry once, after the job registry exists, because the density collector needs it.
 
 mod density;
+mod failover;
 mod grpc_layer;
 
 use std::sync::Arc;
@@ -25,7 +26,8 @@ pub use density::JobDensity;
 pub use grpc_layer::{GrpcMetricsLayer, code_name};
 
 use crate::ghm::Loss;
-use crate::jobs::StepObserver;
+use crate::jobs::{ReseedOutcome, StepObserver};
+use failover::FailoverMetrics;
 
 /// Request latencies: from 100 µs (a histogram input) to minutes (a step-synchronous step
 /// waiting for a slow rank, or a long-lived stream).
@@ -112,6 +114,7 @@ pub struct Metrics {
     accept_errors: Counter,
     connections_closed_early: Family<ReasonLabels, Counter>,
     connections_open: Gauge,
+    failover: FailoverMetrics,
 }
 
 impl Default for Metrics {
@@ -140,6 +143,7 @@ impl Metrics {
             accept_errors: Counter::default(),
             connections_closed_early: Family::default(),
             connections_open: Gauge::default(),
+            failover: FailoverMetrics::new(),
         };
         // Series of both losses exist from the start, so that a dashboard shows 0 rather than
         // "no data" and rate() sees the first increment.
@@ -248,6 +252,7 @@ impl Metrics {
             "gRPC connections open, handshaking ones included",
             self.connections_open.clone(),
         );
+        self.failover.register(&mut registry);
         if let Some(density) = density {
             registry.register_collector(Box::new(density));
         }
@@ -340,6 +345,18 @@ impl StepObserver for Metrics {
 
     fn jobs_reaped(&self, count: u64) {
         self.jobs_reaped.inc_by(count);
+    }
+
+    fn job_reseeded(&self, outcome: ReseedOutcome) {
+        self.failover.reseeded(outcome);
+    }
+
+    fn fenced_refusal(&self, not_here: bool) {
+        self.failover.fenced_refusal(not_here);
+    }
+
+    fn run_taken_over(&self) {
+        self.failover.run_taken_over();
     }
 }
 

@@ -3,11 +3,16 @@
 //! ```text
 //! offset  size  field
 //!      0     8  magic "GHMDSNAP"
-//!      8     4  format version, u32 little-endian (this code writes and reads VERSION)
+//!      8     4  format version, u32 little-endian (this code writes VERSION, and reads
+//!               every version from FIRST_VERSION on)
 //!     12     4  CRC-32 (IEEE) of the payload, u32 little-endian
 //!     16     8  payload length in bytes, u64 little-endian
 //!     24     …  payload: a u64 job count, then each job as `encode_job` writes it
 //! ```
+//!
+//! Version 2 appends each job's lineage to the end of its record: its generation (u64) and its
+//! run id (u32 length, then UTF-8). A version 1 file (written before lineages existed) loads
+//! with generation 1 and no run id, so that an upgrade keeps every job.
 //!
 //! Every number is little-endian and every float is stored by its bits, so a job comes back
 //! bit for bit. The header is checked before anything is decoded: a file that is not ours,
@@ -19,7 +24,9 @@ use crate::ghm::{self, Loss};
 use crate::jobs::{JobSnapshot, JobSpec, WorldSizeChange};
 
 pub const MAGIC: &[u8; 8] = b"GHMDSNAP";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest format this code still reads.
+pub const FIRST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 24;
 
 /// Why a state file's bytes cannot be loaded.
@@ -29,7 +36,7 @@ pub enum FormatError {
     Magic,
     #[error("truncated: {len} bytes, shorter than the {HEADER_LEN}-byte header")]
     ShortHeader { len: usize },
-    #[error("format version {found}; this ghmd reads version {VERSION}")]
+    #[error("format version {found}; this ghmd reads versions {FIRST_VERSION} to {VERSION}")]
     Version { found: u32 },
     #[error("truncated: the header promises {expected} payload bytes, the file holds {found}")]
     Truncated { expected: u64, found: u64 },
@@ -82,7 +89,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<JobSnapshot>, FormatError> {
     else {
         return Err(FormatError::ShortHeader { len: bytes.len() });
     };
-    if version != VERSION {
+    if !(FIRST_VERSION..=VERSION).contains(&version) {
         return Err(FormatError::Version { found: version });
     }
     let payload = &bytes[HEADER_LEN..];
@@ -113,7 +120,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<JobSnapshot>, FormatError> {
         .min(payload.len() / 8);
     let mut jobs = Vec::with_capacity(capacity);
     for index in 0..count {
-        jobs.push(decode_job(&mut reader, index)?);
+        jobs.push(decode_job(&mut reader, index, version)?);
     }
     if reader.remaining() > 0 {
         return Err(FormatError::PayloadTrailing {
@@ -136,6 +143,8 @@ fn encode_job(out: &mut Vec<u8>, job: &JobSnapshot) {
         elements,
         next_step,
         world_size_schedule,
+        generation,
+        run_id,
         create_time,
         update_time,
     } = job;
@@ -174,9 +183,15 @@ fn encode_job(out: &mut Vec<u8>, job: &JobSnapshot) {
     }
     put_time(out, *create_time);
     put_time(out, *update_time);
+    put_u64(out, *generation);
+    put_bytes(out, run_id.as_bytes());
 }
 
-fn decode_job(reader: &mut Reader<'_>, index: u64) -> Result<JobSnapshot, FormatError> {
+fn decode_job(
+    reader: &mut Reader<'_>,
+    index: u64,
+    version: u32,
+) -> Result<JobSnapshot, FormatError> {
     let ends = || FormatError::PayloadEnds { index };
     let bad = |reason: String| FormatError::Job { index, reason };
 
@@ -226,6 +241,17 @@ fn decode_job(reader: &mut Reader<'_>, index: u64) -> Result<JobSnapshot, Format
     }
     let create_time = reader.time().ok_or_else(ends)?;
     let update_time = reader.time().ok_or_else(ends)?;
+    let (generation, run_id) = if version >= 2 {
+        let generation = reader.u64().ok_or_else(ends)?;
+        if generation == 0 {
+            return Err(bad("generation 0: a job's generation starts at 1".into()));
+        }
+        let run_id = String::from_utf8(reader.bytes().ok_or_else(ends)?.to_vec())
+            .map_err(|_| bad("the run id is not UTF-8".into()))?;
+        (generation, run_id)
+    } else {
+        (1, String::new())
+    };
     Ok(JobSnapshot {
         id,
         spec: JobSpec {
@@ -239,6 +265,8 @@ fn decode_job(reader: &mut Reader<'_>, index: u64) -> Result<JobSnapshot, Format
         elements,
         next_step,
         world_size_schedule,
+        generation,
+        run_id,
         create_time,
         update_time,
     })
@@ -355,6 +383,8 @@ mod tests {
                     world_size: i + 2,
                 })
                 .collect(),
+            generation: u64::from(seed) * 5 + 1,
+            run_id: format!("run-{seed}"),
             create_time: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, seed),
             update_time: SystemTime::UNIX_EPOCH
                 .checked_sub(Duration::new(5, 999_999_999))
@@ -413,6 +443,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A file the previous format's code wrote (tests/data/state-v1.md says how, and what
+    /// GetJob said of its jobs then) loads, each job at generation 1 with no run id.
+    #[test]
+    fn a_version_1_file_loads_with_generation_1() {
+        let bytes = include_bytes!("../../tests/data/state-v1.ghmd");
+        assert_eq!(bytes[8..12], 1u32.to_le_bytes(), "the fixture is version 1");
+        let jobs = decode(bytes).expect("a version 1 file loads");
+        let ids: Vec<&str> = jobs.iter().map(|job| job.id.as_str()).collect();
+        assert_eq!(ids.len(), 2);
+        let sync = jobs
+            .iter()
+            .find(|job| job.id == "fixture/sync")
+            .expect("fixture/sync");
+        assert_eq!((sync.steps, sync.elements, sync.next_step), (3, 15, 3));
+        assert_eq!(sync.spec.world_size, 2);
+        let a = 0.578125f32;
+        assert_eq!(
+            bits(std::slice::from_ref(sync)),
+            vec![
+                [0.0, a, a, a, 0.0, a, 0.0, 0.0, 0.0, a]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            ]
+        );
+        let other = jobs
+            .iter()
+            .find(|job| job.id == "fixture/async")
+            .expect("fixture/async");
+        assert_eq!((other.steps, other.elements, other.next_step), (1, 15, 0));
+        for job in &jobs {
+            assert_eq!(job.generation, 1, "{}", job.id);
+            assert_eq!(job.run_id, "", "{}", job.id);
+        }
+        // Written again, it is version 2 and comes back the same.
+        let rewritten = encode(&jobs);
+        assert_eq!(rewritten[8..12], VERSION.to_le_bytes());
+        assert_eq!(decode(&rewritten).expect("decodes"), jobs);
     }
 
     #[test]

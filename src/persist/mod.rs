@@ -367,6 +367,8 @@ mod tests {
             elements: 17,
             next_step: 0,
             world_size_schedule: Vec::new(),
+            generation: 1,
+            run_id: String::new(),
             create_time: now,
             update_time: now,
         }

@@ -87,6 +87,7 @@ fn request(job_id: &str, index: usize, step: &Step, from_residuals: bool) -> Har
         rank: 0,
         input: Some(input),
         label_weights: f32s_to_bytes(&f32s(&step.label_weights)),
+        ..Default::default()
     }
 }
 

@@ -204,7 +204,7 @@ async fn a_corrupt_or_truncated_state_file_stops_ghmd_naming_it_and_stays() {
     let middle = ghmd::persist::HEADER_LEN + (good.len() - ghmd::persist::HEADER_LEN) / 2;
     flipped[middle] ^= 0x10;
     let mut other_version = good.clone();
-    other_version[8..12].copy_from_slice(&2u32.to_le_bytes());
+    other_version[8..12].copy_from_slice(&9u32.to_le_bytes());
     let cases: [(&str, Vec<u8>, &str); 4] = [
         ("a flipped bit", flipped, "checksum mismatch"),
         (
@@ -213,7 +213,7 @@ async fn a_corrupt_or_truncated_state_file_stops_ghmd_naming_it_and_stays() {
             "truncated",
         ),
         ("the header only", good[..10].to_vec(), "truncated"),
-        ("another version", other_version, "format version 2"),
+        ("another version", other_version, "format version 9"),
     ];
     for (what, bytes, reason) in cases {
         std::fs::write(&state_file, &bytes).expect("write the bad file");

@@ -224,6 +224,7 @@ async fn every_rpc(client: &mut Client, job_id: &str) -> Vec<(&'static str, Resu
                 raw.create_job(ghmd::proto::CreateJobRequest {
                     job_id: job_id.to_owned(),
                     spec: Some(ghm_c(10, 0.75)),
+                    ..Default::default()
                 })
                 .await,
             ),

@@ -8,7 +8,7 @@ use ghmd::client::{Client, bytes_to_f32s, norms_request};
 use ghmd::ghm::{self, BinEdges, Density, InputField, Loss};
 use ghmd::proto::harmonize_request::Input;
 use ghmd::proto::{
-    self, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec,
+    self, GetJobRequest, HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec, JobState,
     RestoreJobRequest, UpdateJobRequest,
 };
 use tonic::Code;
@@ -139,6 +139,7 @@ fn histogram_request(
             tot: counts.tot,
         })),
         label_weights: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -673,9 +674,21 @@ async fn restoring_a_checkpoint_replays_the_same_bits() {
         .into_inner()
         .state
         .expect("state");
-    assert_eq!(restored, checkpoint, "the same bits");
+    // The same bits, in a new generation (a restore fences copies from before it).
+    assert_eq!(restored.generation, checkpoint.generation + 1);
+    assert_eq!(
+        restored,
+        JobState {
+            generation: restored.generation,
+            ..checkpoint.clone()
+        },
+        "the same bits"
+    );
     for (i, (step, shards)) in steps.iter().enumerate().skip(3).enumerate() {
-        let replay = run_full_step(&server, "restore", step as u64, shards).await;
+        let mut replay = run_full_step(&server, "restore", step as u64, shards).await;
+        for response in &mut replay {
+            response.generation = first_run[i][0].generation;
+        }
         assert_eq!(replay, first_run[i], "step {step} replays identically");
     }
     // A bad checkpoint is refused and changes nothing.
@@ -784,6 +797,7 @@ async fn sixty_four_jobs_of_eight_ranks_run_a_hundred_steps_at_once() {
                             rank,
                             input: Some(Input::Histogram(Histogram { counts, tot })),
                             label_weights: Default::default(),
+                            ..Default::default()
                         })
                         .await
                         .expect("send");
@@ -840,6 +854,7 @@ async fn asynchronous_jobs_reject_a_world_size_update_and_a_next_step() {
                 steps: 1,
                 elements: 1,
                 next_step: 5,
+                ..Default::default()
             }),
         })
         .await

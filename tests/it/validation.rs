@@ -102,6 +102,7 @@ async fn bad_specs_are_invalid_argument_and_create_nothing() {
             .create_job(CreateJobRequest {
                 job_id: job_id.clone(),
                 spec,
+                ..Default::default()
             })
             .await;
         assert_status(result, Code::InvalidArgument, &[field], what);

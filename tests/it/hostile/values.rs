@@ -25,6 +25,7 @@ async fn huge_ids_unknown_enums_and_odd_floats_get_their_documented_status() {
         raw.create_job(CreateJobRequest {
             job_id: huge.clone(),
             spec: Some(ghm_c(10, 0.0)),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -97,6 +98,7 @@ async fn huge_ids_unknown_enums_and_odd_floats_get_their_documented_status() {
                     loss,
                     ..ghm_c(10, 0.0)
                 }),
+                ..Default::default()
             })
             .await;
         assert_status(
@@ -304,6 +306,7 @@ async fn hostile_update_and_restore_values_are_refused_and_change_nothing() {
             steps: 1,
             elements: 1,
             next_step,
+            ..Default::default()
         }),
     };
     let mut nan_late = vec![0.5f32; 10];

@@ -18,6 +18,7 @@ pub struct Launch {
     data_dir: Option<PathBuf>,
     args: Vec<String>,
     rust_log: String,
+    port: u16,
 }
 
 impl Launch {
@@ -27,6 +28,7 @@ impl Launch {
             data_dir: None,
             args: Vec::new(),
             rust_log: "info".to_owned(),
+            port: 0,
         }
     }
 
@@ -42,6 +44,13 @@ impl Launch {
         self
     }
 
+    /// The gRPC port, for a restart that must come back where its clients look (a server that
+    /// crashed behind its clients); 0, the default, takes a free one.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
     /// `RUST_LOG`; the default, info, is the least that logs the bound addresses.
     pub fn rust_log(mut self, filter: &str) -> Self {
         filter.clone_into(&mut self.rust_log);
@@ -52,15 +61,10 @@ impl Launch {
     /// and starts it with [`Launch::start_command`].
     pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ghmd"));
-        command.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ]);
+        command
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port));
+        command.args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"]);
         match &self.data_dir {
             Some(dir) => command.arg("--data-dir").arg(dir),
             None => command.arg("--in-memory"),

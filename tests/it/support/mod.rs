@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod fixture;
 pub mod http;
+pub mod lineage;
 pub mod request;
 pub mod rng;
 pub mod server;

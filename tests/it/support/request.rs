@@ -12,6 +12,7 @@ pub fn request(job_id: &str, input: Option<Input>, label_weights: Bytes) -> Harm
         rank: 0,
         input,
         label_weights,
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,333 @@
+//! A job's lineage and what keeps a stale copy from answering: the generation, fencing,
+//! reseeding and run identity (the rules are written in the proto, at ReseedJobRequest and
+//! above HarmonizeRequest).
+//!
+//! A copy of a job can fall behind its clients: a replica that died and came back from an older
+//! snapshot, one that was paused while the job moved elsewhere, a crash that lost the steps
+//! after the last snapshot. The generation tells such copies apart from the one the clients
+//! follow, so that a stale copy refuses instead of answering with weights nobody else would
+//! give, and the clients can put the job back where they last saw it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::job::{AppliedStep, Job, JobContext, check_acc_sum};
+use super::{JobError, JobSnapshot, JobSpec, StepObserver};
+use crate::ghm::BinTable;
+
+/// The most characters a run id may have (the same bound as a job id).
+pub const MAX_RUN_ID_LEN: usize = 128;
+
+/// A job's counters and lineage right after one step, as every response reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub generation: u64,
+    pub steps: u64,
+    pub elements: u64,
+    pub next_step: u64,
+}
+
+/// The lineage a request expects its copy to hold; the default asks for no fencing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fence {
+    pub generation: u64,
+    pub steps: u64,
+}
+
+impl Fence {
+    pub fn is_active(self) -> bool {
+        self.generation > 0
+    }
+}
+
+/// The state a client last acknowledged, to reseed a copy with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeedState {
+    /// May be empty for a job without EMA (momentum 0): its responses carry none.
+    pub acc_sum: Vec<f32>,
+    pub steps: u64,
+    pub elements: u64,
+    pub next_step: u64,
+    /// 0: the caller never saw one.
+    pub generation: u64,
+}
+
+/// The last applied step as a response reported it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeedStep {
+    pub step: u64,
+    pub bin_weights: Vec<f32>,
+    pub tot: f64,
+    pub nonempty_bins: u32,
+    pub acc_sum: Vec<f32>,
+    pub missing_ranks: Vec<u32>,
+}
+
+/// Everything a ReseedJob asks for.
+#[derive(Clone, Debug)]
+pub struct Reseed {
+    pub spec: JobSpec,
+    pub run_id: String,
+    pub state: SeedState,
+    pub last_step: Option<SeedStep>,
+}
+
+/// What a ReseedJob did, for its log line and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReseedOutcome {
+    /// There was no copy: one was created.
+    Created,
+    /// The copy was stale and was replaced.
+    Replaced,
+    /// The copy already held everything the caller saw.
+    Unchanged,
+    /// The request was turned down (another run, another spec, a bad state, no room).
+    Refused,
+}
+
+impl ReseedOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Replaced => "replaced",
+            Self::Unchanged => "unchanged",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// Run ids go into log lines and the state file: the job id's safe alphabet, and may be empty.
+pub fn validate_run_id(job_id: &str, run_id: &str) -> Result<(), JobError> {
+    let reason = if run_id.len() > MAX_RUN_ID_LEN {
+        format!(
+            "run_id has {} characters: at most {MAX_RUN_ID_LEN}",
+            run_id.len()
+        )
+    } else if let Some((index, c)) = run_id
+        .char_indices()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
+    {
+        format!("run_id[{index}] = {c:?}: a run id may only hold the characters [A-Za-z0-9._/-]")
+    } else {
+        return Ok(());
+    };
+    Err(JobError::InvalidRequest {
+        id: job_id.to_owned(),
+        reason,
+    })
+}
+
+/// Refuses a request whose client saw more than this copy, at `lineage` (generation, steps),
+/// holds: such a copy must never answer with weights.
+pub(super) fn check_fence(
+    id: &str,
+    (generation, steps): (u64, u64),
+    fence: Fence,
+    observer: &dyn StepObserver,
+) -> Result<(), JobError> {
+    if !fence.is_active() || (generation >= fence.generation && steps >= fence.steps) {
+        return Ok(());
+    }
+    observer.fenced_refusal(false);
+    Err(JobError::StaleCopy {
+        id: id.to_owned(),
+        generation,
+        steps,
+        expected_generation: fence.generation,
+        expected_steps: fence.steps,
+    })
+}
+
+impl Job {
+    /// A copy put in place by ReseedJob: the state its caller acknowledged, and the last step
+    /// that state came from, kept for retries.
+    pub(super) fn seeded(
+        id: &str,
+        spec: JobSpec,
+        run_id: &str,
+        generation: u64,
+        state: &SeedState,
+        last_step: Option<&SeedStep>,
+        context: Arc<JobContext>,
+    ) -> Result<Self, JobError> {
+        let now = SystemTime::now();
+        check_reseed(id, &spec, state, last_step)?;
+        let acc_sum = seed_acc_sum(&spec, state);
+        let job = Self::from_snapshot(
+            JobSnapshot {
+                id: id.to_owned(),
+                world_size_schedule: Vec::new(),
+                spec,
+                acc_sum,
+                steps: state.steps,
+                elements: state.elements,
+                next_step: state.next_step,
+                generation,
+                run_id: run_id.to_owned(),
+                create_time: now,
+                update_time: now,
+            },
+            context,
+        )?;
+        if let Some(last) = last_step.cloned() {
+            let counters = Counters {
+                generation,
+                steps: state.steps,
+                elements: state.elements,
+                next_step: state.next_step,
+            };
+            job.keep_applied(
+                last.step,
+                AppliedStep {
+                    table: BinTable::from_bin_weights(
+                        &last.bin_weights,
+                        last.tot,
+                        last.nonempty_bins,
+                    ),
+                    acc_sum: last.acc_sum,
+                    missing_ranks: last.missing_ranks,
+                    counters,
+                },
+            );
+        }
+        Ok(job)
+    }
+}
+
+/// A job without EMA reports no acc_sum in its responses; its density is all zeros.
+fn seed_acc_sum(spec: &JobSpec, state: &SeedState) -> Vec<f32> {
+    if state.acc_sum.is_empty() && !spec.ghm.uses_ema() {
+        vec![0.0; spec.ghm.bins()]
+    } else {
+        state.acc_sum.clone()
+    }
+}
+
+/// Every check of a ReseedJob's state and last step, made before anything changes.
+pub(super) fn check_reseed(
+    id: &str,
+    spec: &JobSpec,
+    state: &SeedState,
+    last_step: Option<&SeedStep>,
+) -> Result<(), JobError> {
+    check_seed(id, spec, state)?;
+    check_acc_sum(id, &seed_acc_sum(spec, state), spec.ghm.bins())?;
+    if let Some(last) = last_step {
+        check_last_step(id, spec, state, last)?;
+    }
+    Ok(())
+}
+
+/// The checks RestoreJob makes of a state, with ReseedJob's field names.
+fn check_seed(id: &str, spec: &JobSpec, state: &SeedState) -> Result<(), JobError> {
+    let invalid = |reason: String| JobError::InvalidRequest {
+        id: id.to_owned(),
+        reason,
+    };
+    if state.next_step == u64::MAX {
+        return Err(invalid(
+            "state.next_step = 18446744073709551615: steps must stay below 2^64 - 1".to_owned(),
+        ));
+    }
+    if !spec.is_step_synchronous() && state.next_step != 0 {
+        return Err(invalid(format!(
+            "state.next_step = {}: only step-synchronous jobs have a next step; leave it 0",
+            state.next_step
+        )));
+    }
+    if state.generation == u64::MAX {
+        return Err(invalid(
+            "state.generation = 18446744073709551615: no generation can follow it".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// The last step must be the one just before `state.next_step` and a table this job could have
+/// produced; it is what a retry of that step will be answered with.
+fn check_last_step(
+    id: &str,
+    spec: &JobSpec,
+    state: &SeedState,
+    last: &SeedStep,
+) -> Result<(), JobError> {
+    let invalid = |reason: String| JobError::InvalidRequest {
+        id: id.to_owned(),
+        reason,
+    };
+    let bins = spec.ghm.bins();
+    if !spec.is_step_synchronous() {
+        return Err(invalid(
+            "last_step: only step-synchronous jobs answer retries of an applied step; leave it \
+             unset"
+                .to_owned(),
+        ));
+    }
+    if state.next_step == 0 || last.step != state.next_step - 1 {
+        return Err(invalid(format!(
+            "last_step.step = {}: must be state.next_step - 1 (state.next_step = {})",
+            last.step, state.next_step
+        )));
+    }
+    if last.bin_weights.len() != bins {
+        return Err(invalid(format!(
+            "last_step.bin_weights has {} entries: the job has {bins} bins",
+            last.bin_weights.len()
+        )));
+    }
+    if let Some((index, value)) = first_bad(&last.bin_weights) {
+        return Err(invalid(format!(
+            "last_step.bin_weights[{index}] = {value}: must be finite and >= 0"
+        )));
+    }
+    let acc_bins = if spec.ghm.uses_ema() { bins } else { 0 };
+    if last.acc_sum.len() != acc_bins {
+        return Err(invalid(format!(
+            "last_step.acc_sum has {} entries: the job's responses carry {acc_bins}",
+            last.acc_sum.len()
+        )));
+    }
+    if let Some((index, value)) = first_bad(&last.acc_sum) {
+        return Err(invalid(format!(
+            "last_step.acc_sum[{index}] = {value}: must be finite and >= 0"
+        )));
+    }
+    if !(last.tot.is_finite() && last.tot >= 0.0) {
+        return Err(invalid(format!(
+            "last_step.tot = {}: must be finite and >= 0",
+            last.tot
+        )));
+    }
+    if last.nonempty_bins as usize > bins {
+        return Err(invalid(format!(
+            "last_step.nonempty_bins = {}: the job has {bins} bins",
+            last.nonempty_bins
+        )));
+    }
+    if let Some((index, rank)) = last
+        .missing_ranks
+        .iter()
+        .enumerate()
+        .find(|(_, rank)| **rank >= spec.world_size)
+    {
+        return Err(invalid(format!(
+            "last_step.missing_ranks[{index}] = {rank}: the job has world_size {}",
+            spec.world_size
+        )));
+    }
+    Ok(())
+}
+
+fn first_bad(values: &[f32]) -> Option<(usize, f32)> {
+    values
+        .iter()
+        .copied()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+}
+
+/// Whether a job whose state last changed `idle` ago (None: a step is waiting) may be taken
+/// over by another run.
+pub(super) fn may_take_over(idle: Option<Duration>, takeover_after: Duration) -> bool {
+    idle.is_some_and(|idle| idle >= takeover_after)
+}

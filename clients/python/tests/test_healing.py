@@ -210,3 +210,28 @@ def test_every_job_scoped_call_names_its_job_in_the_header(tmp_path, job_id):
             assert server.counter("ghmd_job_header_refusals", reason="missing") == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_step_sent_again_on_a_fresh_call_keeps_its_timeout(address, job_id, stream):
+    # A waiting step is sent again every 0.2 to 0.4 s (a call or stream is routed once; the
+    # proxy may have moved the job since). The server keeps the rank's contribution and the
+    # step's timer: a rank that never comes still ends the step with ABORTED, naming it.
+    with Client(address, step_rehome_after=0.2, step_rehome_max=0.4) as client:
+        client.create_job(job_id, "ghm_c", bins=BINS, world_size=2, step_timeout=2)
+        transport = client.stream() if stream else client
+        outcome = []
+
+        def lonely_rank():
+            try:
+                transport.harmonize_histogram(job_id, np.ones(BINS, np.int64), 12.0, step=0)
+            except GhmdError as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=lonely_rank, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the step's timeout was lost by sending it again"
+        (error,) = outcome
+        assert error.code == grpc.StatusCode.ABORTED and "1" in error.message
+        assert client.get_job(job_id).state.steps == 0

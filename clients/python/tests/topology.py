@@ -24,8 +24,10 @@ from typing import List, Optional, Sequence
 
 from conftest import REPO_ROOT, free_port, ghmd_binary
 
-SHIPPED_HAPROXY = REPO_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-SHIPPED_NGINX = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
+# GHMD_DEPLOY_DIR: another checkout's deploy/ (to try a config before it lands).
+DEPLOY = Path(os.environ.get("GHMD_DEPLOY_DIR", REPO_ROOT / "deploy"))
+SHIPPED_HAPROXY = DEPLOY / "haproxy" / "haproxy.cfg"
+SHIPPED_NGINX = DEPLOY / "nginx" / "nginx.conf"
 
 
 class Replica:
@@ -118,10 +120,6 @@ class Replica:
                              for key, value in labels.items()):
                 total += float(match.group(2))
         return total
-
-
-def _ports_of(text: str, pattern: str) -> List[str]:
-    return re.findall(pattern, text, flags=re.M)
 
 
 _FALLBACK_HAPROXY = """\
@@ -240,6 +238,10 @@ class Proxy:
     def command(self) -> List[str]:
         raise NotImplementedError
 
+    def routes_to(self, replica: Replica) -> bool:
+        """Whether the proxy would now send a request to ``replica`` again."""
+        return replica.ready()
+
     def start(self) -> "Proxy":
         check = subprocess.run(self.check_command(), capture_output=True, text=True)
         if check.returncode != 0:
@@ -258,6 +260,9 @@ class Proxy:
                     raise RuntimeError(f"{self.kind} did not start: "
                                        f"{self.log_path.read_text()[-2000:]}")
                 time.sleep(0.05)
+
+    def replica_failed(self, replica: Replica) -> None:
+        """The test stopped ``replica``: what the proxy then does is its own business."""
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -286,6 +291,9 @@ class HAProxy(Proxy):
     def command(self) -> List[str]:
         return [haproxy_binary(), "-db", "-f", str(self.config)]
 
+    def routes_to(self, replica: Replica) -> bool:
+        return self.status().get(replica.name, "").startswith("UP")
+
     def status(self) -> dict:
         """Each replica's state as HAProxy sees it (UP, DOWN, ...), from the stats CSV."""
         with urllib.request.urlopen(
@@ -309,7 +317,20 @@ class Nginx(Proxy):
         self.shipped = SHIPPED_NGINX.is_file()
         template = SHIPPED_NGINX.read_text() if self.shipped else _FALLBACK_NGINX
         self.config = self.workdir / "nginx.conf"
-        self.config.write_text(render_nginx(template, self.port, self.workdir, replicas))
+        text = render_nginx(template, self.port, self.workdir, replicas)
+        self.config.write_text(text)
+        # nginx takes a server out for fail_timeout after max_fails failed attempts, and lets
+        # nothing tell it the server is back (no active checks): it tries again only after that.
+        timeouts = re.findall(r"fail_timeout=(\d+)s", text)
+        self.fail_timeout = max(map(int, timeouts)) if timeouts else 10
+        self.failed_at: dict = {}
+
+    def routes_to(self, replica: Replica) -> bool:
+        failed = self.failed_at.get(replica.name)
+        return replica.ready() and (failed is None or time.monotonic() - failed > self.fail_timeout)
+
+    def replica_failed(self, replica: Replica) -> None:
+        self.failed_at[replica.name] = time.monotonic()
 
     def check_command(self) -> List[str]:
         return [nginx_binary(), "-t", "-q", "-p", str(self.workdir), "-c", str(self.config),
@@ -326,7 +347,3 @@ def haproxy_binary() -> str:
 
 def nginx_binary() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def have(binary: str) -> bool:
-    return Path(binary).is_file()

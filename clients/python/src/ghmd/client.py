@@ -8,6 +8,7 @@ with a per-element Python loop: a million-element batch costs two memcpys, not a
 from __future__ import annotations
 
 import datetime
+import logging
 import queue
 import random
 import threading
@@ -28,6 +29,7 @@ from .errors import GhmdError, HealingError, RunLostError
 __all__ = ["Client", "Harmonized", "HarmonizeSession", "TLSConfig", "pack_f32", "unpack_f32"]
 
 _T = TypeVar("_T")
+_log = logging.getLogger("ghmd")
 
 # Little-endian float32, whatever the host's byte order: the contract's wire format.
 _F32 = np.dtype("<f4")
@@ -214,6 +216,12 @@ _TRANSPORT_FAILURES = (
 )
 
 
+class _StillWaiting(Exception):
+    """A step-synchronous step not answered within the attempt's wait. Not a failure (its other
+    ranks may be slow), but a call or stream is routed once, when it starts: after the proxy's
+    ring changed (a replica came back) it may wait on a copy the other ranks no longer reach."""
+
+
 class _JobMemory:
     """What a client needs to put a job back where it last saw it, on whichever replica it
     reaches: the spec and run of CreateJob, and the counters, lineage and table of the last
@@ -284,7 +292,10 @@ class _Steps:
 
     _client: "Client"
 
-    def _attempt(self, request: ghm_pb2.HarmonizeRequest) -> ghm_pb2.HarmonizeResponse:
+    def _attempt(
+        self, request: ghm_pb2.HarmonizeRequest, wait: Optional[float], started: float
+    ) -> ghm_pb2.HarmonizeResponse:
+        """Sends ``request`` once; raises _StillWaiting if ``wait`` (not None) passes first."""
         raise NotImplementedError
 
     def _reconnect(self) -> None:
@@ -297,22 +308,37 @@ class _Steps:
         client = self._client
         job_id = request.job_id
         what = f"step {request.step} of rank {request.rank}"
+        started = time.monotonic()
         first_failure: Optional[float] = None
         attempts = 0
         needs_reseed = False
+        memory = client._memory(job_id)
+        synchronous = memory is not None and memory.spec is not None and memory.spec.world_size > 1
+        wait = client.step_rehome_after if synchronous else None
         while True:
             attempts += 1
             try:
                 if needs_reseed:
                     client._reseed(job_id)
+                    _log.info("job %r %s: reseeded, sending it again", job_id, what)
                     needs_reseed = False
                 memory = client._memory(job_id)
                 if memory is not None and memory.fenced:
                     request.expected_generation = memory.state.generation
                     request.expected_steps = memory.state.steps
-                response = self._attempt(request)
+                response = self._attempt(request, wait, started)
                 client._acknowledge(job_id, response)
+                if first_failure is not None:
+                    _log.info("job %r %s: healed after %.3f s, %d attempts", job_id, what,
+                              time.monotonic() - first_failure, attempts)
                 return response
+            except _StillWaiting:
+                # Sent again on a fresh call or stream, which the proxy routes anew; the server
+                # keeps the rank's contribution and the step's timer, so a rank really missing
+                # still ends the step with ABORTED after the step timeout.
+                self._reconnect()
+                wait = min(wait * 2, client.step_rehome_max)
+                continue
             except GhmdError as error:
                 failure = error
             if failure.reason in _RUN_LOST:
@@ -345,6 +371,10 @@ class _Steps:
             now = time.monotonic()
             if first_failure is None:
                 first_failure = now
+                _log.warning("job %r %s: %s; healing for up to %s s", job_id, what, failure,
+                             client.heal_deadline)
+            else:
+                _log.debug("job %r %s: attempt %d: %s", job_id, what, attempts, failure)
             left = client.heal_deadline - (now - first_failure)
             if left <= 0:
                 raise HealingError(failure, job_id, what, client.heal_deadline, attempts)
@@ -434,6 +464,8 @@ class Client(_Steps):
         heal_deadline: float = 30.0,
         heal_backoff: float = 0.02,
         heal_max_backoff: float = 0.5,
+        step_rehome_after: float = 1.0,
+        step_rehome_max: float = 4.0,
         options: Sequence[Tuple[str, Any]] = (),
     ) -> None:
         if not heal_deadline > 0:
@@ -447,6 +479,8 @@ class Client(_Steps):
         self.heal_deadline = float(heal_deadline)
         self.heal_backoff = heal_backoff
         self.heal_max_backoff = heal_max_backoff
+        self.step_rehome_after = step_rehome_after
+        self.step_rehome_max = step_rehome_max
         self._jobs: Dict[str, _JobMemory] = {}
         self._lock = threading.Lock()
         # grpcio's default 4 MiB receive limit is a million weights; the server enforces its own.
@@ -696,8 +730,25 @@ class Client(_Steps):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _attempt(self, request: ghm_pb2.HarmonizeRequest) -> ghm_pb2.HarmonizeResponse:
-        return self._call_once("Harmonize", request, self.harmonize_timeout, request.job_id)
+    def _attempt(
+        self, request: ghm_pb2.HarmonizeRequest, wait: Optional[float], started: float
+    ) -> ghm_pb2.HarmonizeResponse:
+        left = self.harmonize_timeout - (time.monotonic() - started)
+        if left <= 0:
+            raise GhmdError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer within harmonize_timeout = {self.harmonize_timeout}s",
+                "Harmonize",
+            )
+        rehome = wait is not None and wait < left
+        try:
+            return self._call_once(
+                "Harmonize", request, wait if rehome else left, request.job_id
+            )
+        except GhmdError as error:
+            if rehome and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _StillWaiting() from None
+            raise
 
     def _reconnect(self) -> None:
         # The channel reconnects by itself (with the short backoff set above); a proxy in front
@@ -714,6 +765,7 @@ class Client(_Steps):
 
 
 _CLOSE = object()
+_END = object()
 
 
 class HarmonizeSession(_Steps):
@@ -727,16 +779,22 @@ class HarmonizeSession(_Steps):
     GhmdError and opens a new stream for the next one. A stream that breaks (UNAVAILABLE, or
     INTERNAL / CANCELLED / UNKNOWN from a proxy), and a refusal for a missing or stale copy, are
     healed as the Client heals a unary step, from the memory the session shares with its Client.
+    A proxy routes a stream once, when it opens: a step-synchronous step still unanswered after
+    the client's ``step_rehome_after`` seconds is sent again on a fresh stream (doubling up to
+    ``step_rehome_max``), so that a stream left on a replica the job no longer hashes to does
+    not hold the step until its timeout.
     """
 
     def __init__(self, client: Client) -> None:
         self._client = client
         self._requests: Optional[queue.SimpleQueue] = None
+        self._answers: Optional[queue.SimpleQueue] = None
         self._responses: Any = None
         self._job_id: Optional[str] = None
 
     def _open(self, job_id: str) -> None:
         requests: queue.SimpleQueue = queue.SimpleQueue()
+        answers: queue.SimpleQueue = queue.SimpleQueue()
 
         def outgoing() -> Iterator[ghm_pb2.HarmonizeRequest]:
             while True:
@@ -745,36 +803,56 @@ class HarmonizeSession(_Steps):
                     return
                 yield item
 
-        self._requests = requests
-        self._job_id = job_id
-        self._responses = self._client._stub.HarmonizeStream(
+        responses = self._client._stub.HarmonizeStream(
             outgoing(), metadata=self._client._job_metadata(job_id)
         )
+
+        # Read on a thread of its own so that a wait can end (rehoming) without ending the
+        # stream's iterator; each stream has its own queue, so a dropped stream's last words
+        # (CANCELLED) never reach the next one.
+        def incoming() -> None:
+            try:
+                for response in responses:
+                    answers.put(response)
+                answers.put(_END)
+            except grpc.RpcError as error:
+                answers.put(error)
+
+        threading.Thread(target=incoming, name="ghmd-stream", daemon=True).start()
+        self._requests = requests
+        self._answers = answers
+        self._responses = responses
+        self._job_id = job_id
 
     def _drop(self) -> None:
         if self._requests is not None:
             self._requests.put(_CLOSE)
             self._responses.cancel()
         self._requests = None
+        self._answers = None
         self._responses = None
         self._job_id = None
 
-    def _attempt(self, request: ghm_pb2.HarmonizeRequest) -> ghm_pb2.HarmonizeResponse:
+    def _attempt(
+        self, request: ghm_pb2.HarmonizeRequest, wait: Optional[float], started: float
+    ) -> ghm_pb2.HarmonizeResponse:
         if self._requests is not None and self._job_id != request.job_id:
             self._drop()
         if self._requests is None:
             self._open(request.job_id)
         self._requests.put(request)
         try:
-            return next(self._responses)
-        except grpc.RpcError as error:
-            self._drop()
-            raise GhmdError.from_rpc_error(error, "HarmonizeStream") from None
-        except StopIteration:
-            self._drop()
-            raise GhmdError(
-                grpc.StatusCode.UNAVAILABLE, "the server closed the stream", "HarmonizeStream"
-            ) from None
+            answer = self._answers.get(timeout=wait)
+        except queue.Empty:
+            raise _StillWaiting() from None
+        if isinstance(answer, ghm_pb2.HarmonizeResponse):
+            return answer
+        self._drop()
+        if isinstance(answer, grpc.RpcError):
+            raise GhmdError.from_rpc_error(answer, "HarmonizeStream")
+        raise GhmdError(
+            grpc.StatusCode.UNAVAILABLE, "the server closed the stream", "HarmonizeStream"
+        )
 
     def _reconnect(self) -> None:
         self._drop()

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pytest
 
 from conftest import CLIENT_ROOT, TESTS
 from ghmd import Client
-from topology import HAProxy, Nginx, Replica, haproxy_binary, nginx_binary
+from topology import HAProxy, Nginx, Replica
 
 WORLD = 4
 MODES = ["histogram", "histogram", "histogram", "raw"]
@@ -172,7 +171,8 @@ def run_schedule(tmp_path: Path, proxy_class, pause: bool, pace: float):
         # The job hashes back to the restarted replica, whose copy is stale (its last snapshot
         # is older than what the ranks saw): fenced, reseeded, stepped there again.
         event(f"restart {first.name} on its port", lambda: back(first))
-        assert holder(replicas, job_id) is first, "the job went back to its replica"
+        # (nginx: each worker keeps its own failure timer, so it may take another fail_timeout.)
+        wait_until(lambda: holder(replicas, job_id) is first, f"the job back on {first.name}")
 
         second = holder(replicas, job_id)
         event(f"kill -9 {second.name}", lambda: down(second, second.kill))
@@ -249,13 +249,11 @@ def check(tmp_path, steps, results, events, proxy_name):
     assert longest < FAILOVER_BUDGET, f"a step took {longest:.2f} s (budget {FAILOVER_BUDGET} s)"
 
 
-@pytest.mark.skipif(not os.path.exists(haproxy_binary()), reason="needs Debian's haproxy")
 def test_fault_schedule_behind_haproxy(tmp_path):
     steps, results, events = run_schedule(tmp_path, HAProxy, pause=True, pace=0.01)
     check(tmp_path, steps, results, events, "haproxy")
 
 
-@pytest.mark.skipif(not os.path.exists(nginx_binary()), reason="needs Debian's nginx")
 def test_fault_schedule_behind_nginx(tmp_path):
     # Each fault waits out nginx's fail_timeout (10 s shipped) before the next: a slower pace
     # keeps the step count near the others'.

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -46,6 +47,10 @@ class Replica:
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, wait: bool = True) -> "Replica":
+        # scripts/test.sh runs pytest with GHMD_IN_MEMORY=true for its one shared server; these
+        # replicas keep their state in their data dirs, as in production.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("GHMD_")}
+        env["RUST_LOG"] = os.environ.get("RUST_LOG", "warn")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(ghmd_binary()), "serve", "--listen", self.address,
@@ -55,7 +60,7 @@ class Replica:
                  "--shutdown-grace", "5s", *self.extra_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                env=env,
             )
         if wait:
             self.wait_ready()
@@ -243,14 +248,15 @@ class Proxy:
         return replica.ready()
 
     def start(self) -> "Proxy":
+        binary = self.command()[0]
+        if not os.path.exists(binary):
+            raise RuntimeError(f"no {binary}: Debian's {self.kind} is needed (scripts/setup.sh)")
         check = subprocess.run(self.check_command(), capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"{self.kind} refuses its config: {check.stdout}{check.stderr}")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
-        import socket
-
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()

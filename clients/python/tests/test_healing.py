@@ -235,3 +235,11 @@ def test_a_step_sent_again_on_a_fresh_call_keeps_its_timeout(address, job_id, st
         (error,) = outcome
         assert error.code == grpc.StatusCode.ABORTED and "1" in error.message
         assert client.get_job(job_id).state.steps == 0
+
+
+def test_status_details_that_do_not_parse_are_no_reason():
+    from ghmd.errors import error_info
+
+    assert error_info(None) == ("", {})
+    assert error_info((("grpc-status-details-bin", b"\xff\xff\xff"),)) == ("", {})
+    assert error_info((("other-bin", b"\x08\x05"),)) == ("", {})

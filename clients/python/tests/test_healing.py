@@ -123,7 +123,9 @@ def test_kill_9_and_restart_of_a_single_server_loses_no_acknowledged_step(
             state = client.get_job(job_id).state
         assert state.steps == steps and state.next_step == steps, "no step lost or doubled"
         assert server.counter("ghmd_fenced_refusals", reason="stale_copy") >= 1
-        assert server.counter("ghmd_reseeds", outcome="replaced") == 1, "W ranks, one copy"
+        # One replacement, or two when the kill fell between two ranks' answers to one step
+        # (the rank that saw one step fewer may reseed first; the other then replaces that).
+        assert 1 <= server.counter("ghmd_reseeds", outcome="replaced") <= 2
     finally:
         server.stop()
 

@@ -148,7 +148,8 @@ backend ghmd
     hash-type consistent
     option httpchk GET /readyz
     http-check expect status 200
-    default-server proto h2 check port 9464 check-proto h1 inter 500ms fastinter 500ms downinter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
+    default-server proto h2 check port 9464 check-proto h1 inter 500ms fastinter 500ms \
+        downinter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
     server ghmd-0 ghmd-0:50051
     server ghmd-1 ghmd-1:50051
     server ghmd-2 ghmd-2:50051

@@ -469,7 +469,8 @@ class Client(_Steps):
         options: Sequence[Tuple[str, Any]] = (),
     ) -> None:
         if not heal_deadline > 0:
-            raise ValueError(f"heal_deadline = {heal_deadline!r}: must be a positive number of seconds")
+            raise ValueError(f"heal_deadline = {heal_deadline!r}: must be a positive number of "
+                             "seconds")
         self.target = target
         self.timeout = timeout
         self.harmonize_timeout = harmonize_timeout
@@ -711,8 +712,9 @@ class Client(_Steps):
         """Puts a job back to a state GetJob returned (a Job, a JobState or a mapping).
 
         The job's generation advances, and this client's memory of it becomes the restored
-        state. Other processes that step the job must learn the new lineage too (``create_job``
-        again, after the restore), or their next step would put the job back where they saw it.
+        state. Other processes that stepped the job before must learn the new lineage too
+        (``resync_job``, after the restore), or their next step would put the job back where
+        they saw it.
         """
         job = self._unary(
             "RestoreJob", ghm_pb2.RestoreJobRequest(job_id=job_id, state=_state(state)), job_id

@@ -18,11 +18,13 @@ shipped config); that is its documented limit, not tested.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -105,6 +107,17 @@ class Ranks:
 
     def results(self):
         return [dict(np.load(path)) for path in self.outputs]
+
+    def healed(self):
+        """Per rank, how often each failure was healed ("CANCELLED", "NOT_FOUND JOB_NOT_HERE",
+        ...), from the client's log on the rank's stderr."""
+        pattern = re.compile(r" (?:Harmonize|HarmonizeStream): (\w+)(?: \((\w+)\))?: .*; healing")
+        tallies = []
+        for rank in range(WORLD):
+            text = (self.stop_file.parent / f"rank{rank}.err").read_text()
+            tallies.append(Counter(" ".join(filter(None, match.groups()))
+                                   for match in pattern.finditer(text)))
+        return tallies
 
     def kill(self) -> None:
         for process in self.processes:
@@ -206,7 +219,7 @@ def run_schedule(tmp_path: Path, proxy_class, pause: bool, pace: float):
         for replica in replicas:
             replica.stop()
 
-    return steps, ranks.results(), events
+    return steps, ranks.results(), events, ranks.healed()
 
 
 def replay_reference(tmp_path: Path, steps: int):
@@ -226,7 +239,7 @@ def replay_reference(tmp_path: Path, steps: int):
     return ranks.results()
 
 
-def check(tmp_path, steps, results, events, proxy_name):
+def check(tmp_path, steps, results, events, healed, proxy_name):
     (tmp_path / "reference").mkdir()
     reference = replay_reference(tmp_path, steps)
     for rank, result in enumerate(results):
@@ -245,17 +258,20 @@ def check(tmp_path, steps, results, events, proxy_name):
           f"longest step {longest:.3f} s (rank 0's at step {slowest}), events:")
     for name, took in events:
         print(f"  {name}: {took:.2f} s until 15 more steps")
+    for rank, tally in enumerate(healed):
+        print(f"  rank {rank} ({TRANSPORTS[rank]}) healed: {dict(tally)}")
+        assert tally, f"rank {rank} never had to heal: the faults missed the job"
     assert generations[-1] > generations[0], "the job moved and was reseeded"
     assert longest < FAILOVER_BUDGET, f"a step took {longest:.2f} s (budget {FAILOVER_BUDGET} s)"
 
 
 def test_fault_schedule_behind_haproxy(tmp_path):
-    steps, results, events = run_schedule(tmp_path, HAProxy, pause=True, pace=0.01)
-    check(tmp_path, steps, results, events, "haproxy")
+    outcome = run_schedule(tmp_path, HAProxy, pause=True, pace=0.01)
+    check(tmp_path, *outcome, "haproxy")
 
 
 def test_fault_schedule_behind_nginx(tmp_path):
     # Each fault waits out nginx's fail_timeout (10 s shipped) before the next: a slower pace
     # keeps the step count near the others'.
-    steps, results, events = run_schedule(tmp_path, Nginx, pause=False, pace=0.05)
-    check(tmp_path, steps, results, events, "nginx")
+    outcome = run_schedule(tmp_path, Nginx, pause=False, pace=0.05)
+    check(tmp_path, *outcome, "nginx")

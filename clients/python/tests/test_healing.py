@@ -4,6 +4,7 @@ another run) with every acknowledged step checked against a server that never fa
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -245,3 +246,45 @@ def test_status_details_that_do_not_parse_are_no_reason():
     assert error_info(None) == ("", {})
     assert error_info((("grpc-status-details-bin", b"\xff\xff\xff"),)) == ("", {})
     assert error_info((("other-bin", b"\x08\x05"),)) == ("", {})
+
+
+def test_a_step_aborted_while_healing_is_sent_again(tmp_path, job_id, caplog):
+    # Rank 0 heals first (the restarted server lost the job) and waits; rank 1 takes longer than
+    # the step timeout to come back, so rank 0's step is ABORTED. Once the job has moved that
+    # means "not yet", not "a rank is missing": rank 0 sends it again and the step completes.
+    server = Replica(tmp_path, "slow-heal", "--in-memory").start()
+    try:
+        ranks = [Client(server.address) for _ in range(2)]
+        for client in ranks:
+            client.create_job(job_id, "ghm_c", bins=BINS, momentum=0.75, world_size=2,
+                              step_timeout=1)
+        counts = np.ones(BINS, np.int64)
+        answers = {}
+
+        def step(rank, number, delay=0.0):
+            time.sleep(delay)
+            answers[rank, number] = ranks[rank].harmonize_histogram(
+                job_id, counts, 12.0, step=number, rank=rank)
+
+        both = [threading.Thread(target=step, args=(rank, 0)) for rank in range(2)]
+        for thread in both:
+            thread.start()
+        for thread in both:
+            thread.join()
+        server.kill()
+        server.start()
+        late = threading.Thread(target=step, args=(1, 1, 2.5))
+        late.start()
+        with caplog.at_level(logging.DEBUG, logger="ghmd"):
+            step(0, 1)  # raises if the ABORTED after 1 s reached the caller
+        late.join()
+        healed = [record.getMessage() for record in caplog.records]
+        assert any("JOB_NOT_HERE" in message for message in healed), healed
+        assert any("ABORTED" in message for message in healed), healed
+        assert answers[0, 1].bin_weights.tolist() == answers[1, 1].bin_weights.tolist()
+        assert answers[0, 1].steps == 2
+        assert server.counter("ghmd_reseeds", outcome="created") == 1
+        for client in ranks:
+            client.close()
+    finally:
+        server.stop()

@@ -288,3 +288,44 @@ def test_a_step_aborted_while_healing_is_sent_again(tmp_path, job_id, caplog):
             client.close()
     finally:
         server.stop()
+
+
+def test_a_rank_that_did_not_restore_resyncs_and_replays_the_same_bits(address, job_id):
+    # The checkpoint pattern mid-run: every rank stepped; one restores the job to a checkpoint
+    # (a new generation, fewer steps); the others take the restored lineage with resync_job, so
+    # that their fenced steps do not see the restored copy as stale and put the job back.
+    ranks = [Client(address) for _ in range(2)]
+    for client in ranks:
+        client.create_job(job_id, "ghm_c", bins=BINS, momentum=0.75, world_size=2,
+                          step_timeout=10)
+    batches = histograms(7, 6, 2)
+
+    def run(steps):
+        answers = {}
+
+        def rank_loop(rank):
+            for step in steps:
+                counts, tot = batches[step][rank]
+                answers[rank, step] = ranks[rank].harmonize_histogram(
+                    job_id, counts, tot, step=step, rank=rank)
+
+        threads = [threading.Thread(target=rank_loop, args=(rank,)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answers
+
+    run(range(3))
+    checkpoint = ranks[0].get_job(job_id)
+    first = run(range(3, 6))
+    restored = ranks[0].restore_job(job_id, checkpoint)
+    ranks[1].resync_job(job_id)
+    again = run(range(3, 6))
+    for key, answer in first.items():
+        np.testing.assert_array_equal(again[key].bin_weights, answer.bin_weights)
+        np.testing.assert_array_equal(again[key].acc_sum, answer.acc_sum)
+    state = ranks[0].get_job(job_id).state
+    assert state.steps == 6 and state.generation == restored.state.generation
+    for client in ranks:
+        client.close()

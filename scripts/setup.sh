@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what scripts/test.sh needs on a fresh machine, and does nothing that is already done:
 # rustfmt and clippy; openssl (the Python client's TLS test certificates); Debian's prometheus
-# (promtool and a real Prometheus server) and curl; the Python test environment and the
+# (promtool and a real Prometheus server) and curl; Debian's haproxy and nginx (the failover
+# tests put them in front of 3 replicas); the Python test environment and the
 # operations tools, each in a virtual environment outside the clone, keyed by its pinned
 # requirements; cargo-fuzz, built once under ~/.cache/ghmd-ci. Needs root for apt-get, as on CI.
 set -euo pipefail
@@ -12,10 +13,18 @@ missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
 { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
+[ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== apt-get install ${missing[*]}" >&2
   apt-get update -qq
+  # The tests start their own haproxy and nginx on loopback: the packages' services (nginx on
+  # 0.0.0.0:80) are not started (policy-rc.d 101, only while installing, if none is there).
+  policy=/usr/sbin/policy-rc.d
+  own_policy=false
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=true; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if $own_policy; then rm -f "$policy"; fi
 fi
 scripts/python-venv.sh >/dev/null
 scripts/ops-venv.sh >/dev/null

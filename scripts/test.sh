@@ -18,6 +18,8 @@ echo "== cargo test"
 cargo test --locked --all-targets
 echo "== fuzz: every cargo-fuzz target for 20 s"
 scripts/fuzz.sh 20
+# pytest includes the failover fault schedule (tests/test_failover.py: 3 replicas behind Debian's
+# haproxy and nginx, about 80 s).
 echo "== Python client: pytest against a release ghmd"
 cargo build --release --locked --bin ghmd
 venv=$(scripts/python-venv.sh)

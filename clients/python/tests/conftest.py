@@ -34,6 +34,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RUN_TAKEOVER_AFTER = 2
+
+
 def ghmd_binary() -> Path:
     binary = Path(os.environ.get("GHMD_BIN", REPO_ROOT / "target" / "release" / "ghmd"))
     if not binary.is_file():
@@ -42,7 +45,9 @@ def ghmd_binary() -> Path:
 
 
 class Server:
-    """A ghmd process on 127.0.0.1:<port>, stopped with SIGTERM."""
+    """A ghmd process on 127.0.0.1:<port>, stopped with SIGTERM. A run may take over a job
+    whose old run has been quiet for RUN_TAKEOVER_AFTER seconds (120 s by default: too long
+    for a test of two runs in a row)."""
 
     def __init__(self, log_path: Path, *extra_args: str, credentials=None) -> None:
         self.credentials = credentials
@@ -52,7 +57,8 @@ class Server:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [str(ghmd_binary()), "serve", "--listen", self.address, "--shutdown-grace", "3s",
-             "--in-memory", "--metrics-listen", "127.0.0.1:0", *extra_args],
+             "--in-memory", "--metrics-listen", "127.0.0.1:0",
+             "--run-takeover-after", f"{RUN_TAKEOVER_AFTER}s", *extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},

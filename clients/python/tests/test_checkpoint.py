@@ -164,8 +164,8 @@ def test_state_dict_asks_the_server_only_what_it_cannot_know(address, job_id):
     assert calls == [], "after a restore the mirror is complete"
     module(*next(batches_c(seed=14, steps=1)))
     state = module.state_dict()
-    # With the counters in HarmonizeResponse a step completes the mirror; before, GetJob tells.
-    assert len(calls) == (0 if module.last_result.counters is not None else 1)
+    # The counters in HarmonizeResponse complete the mirror: no GetJob.
+    assert calls == []
     assert int(state["steps"]) == 1 and torch.equal(state["acc_sum"], module.acc_sum)
     module.close()
 

@@ -1,27 +1,23 @@
 """Runs and job ids (issue 13, point 1): one run identity per run, shared by its ranks and sent
-with CreateJob. What the server does with it (a fresh run starts from an empty density, a second
-live run is refused, a resumed run continues) waits for the contract to carry it: those tests
-are skipped, naming what they wait for, until ghm.v1 CreateJobRequest has the field."""
+with CreateJob; a fresh run starts from an empty density, a second live run is refused, a
+resumed run continues."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import ddp_worker
+from conftest import RUN_TAKEOVER_AFTER
 import ghmd.torch
 from ghmd import GhmdError
-from ghmd.client import carries_run_identity
 from ghmd.torch import GHMC
 from mmdet_port import PortGHMC
 from test_checkpoint import assert_replayed, losses
 from test_torch_losses import batches_c
-
-WAITS = pytest.mark.skipif(
-    not carries_run_identity(),
-    reason="waits for the server: a run identity in CreateJobRequest (issue 13, point 1)",
-)
 
 
 def identities(tmp_path, name):
@@ -38,15 +34,6 @@ def test_one_run_identity_per_run_shared_by_every_rank(tmp_path):
     assert ghmd.torch.run_identity() != ranks[0]["first"], "this process is another run"
 
 
-@pytest.mark.skipif(carries_run_identity(), reason="the contract carries a run identity")
-def test_a_run_id_the_contract_cannot_carry_is_refused_not_dropped(client, job_id):
-    with pytest.raises(ValueError, match="run_id"):
-        client.create_job(job_id, "ghm_c", 10, run_id="run-1")
-    with pytest.raises(GhmdError) as error:
-        client.get_job(job_id)
-    assert error.value.code.name == "NOT_FOUND", "a refused request creates nothing"
-
-
 @pytest.fixture
 def new_run(monkeypatch):
     """Starts another run in this process: the next loss draws a new identity."""
@@ -56,19 +43,19 @@ def new_run(monkeypatch):
     return start
 
 
-@WAITS
 def test_a_fresh_run_on_a_used_job_id_starts_from_an_empty_density(address, job_id, new_run):
     batches = list(batches_c(seed=21, steps=3))
     first = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address)
     losses(first, batches)
     first.close()
+    # The next run of the same config, once the first has been quiet past --run-takeover-after.
+    time.sleep(RUN_TAKEOVER_AFTER + 0.5)
     new_run()
     second = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address)
     assert_replayed(losses(PortGHMC(bins=30, momentum=0.75), batches), losses(second, batches))
     second.close()
 
 
-@WAITS
 def test_two_live_runs_on_one_job_id_are_an_error(address, job_id, new_run):
     batch = next(batches_c(seed=22, steps=1))
     first = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address)
@@ -83,7 +70,6 @@ def test_two_live_runs_on_one_job_id_are_an_error(address, job_id, new_run):
     second.close()
 
 
-@WAITS
 def test_a_resumed_run_continues_from_its_checkpoint(address, job_id, new_run):
     batches = list(batches_c(seed=23, steps=6))
     first = GHMC(bins=30, momentum=0.75, job_id=job_id, address=address)

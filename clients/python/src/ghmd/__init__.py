@@ -6,13 +6,15 @@ mmdetection's GHMC and GHMR losses whose density lives in ghmd, shared by every 
 
 from ._proto import ghm_pb2, ghm_pb2_grpc
 from .client import Client, Harmonized, HarmonizeSession, TLSConfig, pack_f32, unpack_f32
-from .errors import GhmdError
+from .errors import GhmdError, HealingError, RunLostError
 
 __all__ = [
     "Client",
     "GhmdError",
     "Harmonized",
     "HarmonizeSession",
+    "HealingError",
+    "RunLostError",
     "TLSConfig",
     "ghm_pb2",
     "ghm_pb2_grpc",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binning import bin_edges, bin_indices, bin_slots, slot_count, upper_edges
-from .client import Client, Harmonized, TLSConfig, carries_run_identity
+from .client import Client, Harmonized, TLSConfig
 
 __all__ = [
     "GHMC",
@@ -46,9 +46,19 @@ _MODES = ("histogram", "raw")
 _EPS = torch.finfo(torch.float32).eps
 # The job state a checkpoint carries beside mmdetection's own buffers (edges, acc_sum).
 _STATE_KEYS = ("steps", "elements", "next_step")
+# A checkpoint's run identity, as UTF-8 bytes in a uint8 tensor (state dicts hold tensors), so
+# that a run resumed from it is the same run to the server, not a second live one.
+_RUN_KEY = "run_id"
 
 
 _RUN: Optional[str] = None
+
+
+def _resume_run(run_id: str) -> None:
+    """A checkpoint names the run it belongs to: this process resumes that run (every rank
+    loads the same checkpoint, so every rank agrees without a collective)."""
+    global _RUN
+    _RUN = run_id
 
 
 def run_identity() -> str:
@@ -256,7 +266,7 @@ class _RemoteGHM(nn.Module):
         return self._session
 
     def _run_id(self) -> Optional[str]:
-        return run_identity() if self._job is None and carries_run_identity() else None
+        return run_identity() if self._job is None else None
 
     def _ensure_job(self, run_id: Optional[str] = None) -> Any:
         if self._job is None:
@@ -285,6 +295,10 @@ class _RemoteGHM(nn.Module):
             if self._world()[1] == 0:
                 self._connection().restore_job(self.job_id, state)
             torch.distributed.barrier()
+            if self._world()[1] != 0:
+                # The restore advanced the job's generation; a rank that stepped before must
+                # take the new lineage, or its next fenced step would put the old state back.
+                self._connection().resync_job(self.job_id)
         if self._mirror.next_call is None:
             self._mirror.next_call = self._first_call(job.state.steps, job.state.next_step)
         return self._mirror.next_call
@@ -398,6 +412,9 @@ class _RemoteGHM(nn.Module):
         destination[prefix + "steps"] = torch.tensor(steps, dtype=torch.int64)
         destination[prefix + "elements"] = torch.tensor(elements, dtype=torch.int64)
         destination[prefix + "next_step"] = torch.tensor(next_call, dtype=torch.int64)
+        run_id = self._job.run_id if self._job is not None else ""
+        if run_id:
+            destination[prefix + _RUN_KEY] = torch.tensor(list(run_id.encode()), dtype=torch.uint8)
 
     def _load_from_state_dict(
         self,
@@ -411,7 +428,7 @@ class _RemoteGHM(nn.Module):
     ) -> None:
         # steps, elements and next_step are optional, so that a checkpoint of mmdetection's own
         # GHMC/GHMR (edges and acc_sum only) resumes here too, from step 0.
-        ours = {prefix + name for name in _STATE_KEYS}
+        ours = {prefix + name for name in (*_STATE_KEYS, _RUN_KEY)}
         inner = {key: value for key, value in state_dict.items() if key not in ours}
         errors_before = len(error_msgs)
         missing_before = len(missing_keys)
@@ -425,6 +442,9 @@ class _RemoteGHM(nn.Module):
             value = state_dict.get(prefix + name)
             return 0 if value is None else int(value)
 
+        run = state_dict.get(prefix + _RUN_KEY)
+        if run is not None and self._job is None:
+            _resume_run(bytes(run.tolist()).decode())
         acc_sum = self.acc_sum if self.momentum > 0 else torch.zeros(self.bins)
         state = {
             "acc_sum": acc_sum.detach().float().cpu().numpy(),

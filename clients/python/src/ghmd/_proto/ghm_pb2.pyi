@@ -39,38 +39,44 @@ class JobSpec(_message.Message):
     def __init__(self, loss: _Optional[_Union[Loss, str]] = ..., bins: _Optional[int] = ..., momentum: _Optional[float] = ..., mu: _Optional[float] = ..., world_size: _Optional[int] = ..., step_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., allow_partial_steps: _Optional[bool] = ...) -> None: ...
 
 class JobState(_message.Message):
-    __slots__ = ("acc_sum", "steps", "elements", "next_step")
+    __slots__ = ("acc_sum", "steps", "elements", "next_step", "generation")
     ACC_SUM_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     acc_sum: _containers.RepeatedScalarFieldContainer[float]
     steps: int
     elements: int
     next_step: int
-    def __init__(self, acc_sum: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., elements: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, acc_sum: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., elements: _Optional[int] = ..., next_step: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "create_time", "update_time")
+    __slots__ = ("job_id", "spec", "state", "create_time", "update_time", "run_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    run_id: str
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("job_id", "spec")
+    __slots__ = ("job_id", "spec", "run_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+    run_id: str
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -128,6 +134,36 @@ class RestoreJobRequest(_message.Message):
     state: JobState
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, _Mapping]] = ...) -> None: ...
 
+class AppliedStep(_message.Message):
+    __slots__ = ("step", "bin_weights", "tot", "nonempty_bins", "acc_sum", "missing_ranks")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BIN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TOT_FIELD_NUMBER: _ClassVar[int]
+    NONEMPTY_BINS_FIELD_NUMBER: _ClassVar[int]
+    ACC_SUM_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RANKS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    bin_weights: _containers.RepeatedScalarFieldContainer[float]
+    tot: float
+    nonempty_bins: int
+    acc_sum: _containers.RepeatedScalarFieldContainer[float]
+    missing_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., bin_weights: _Optional[_Iterable[float]] = ..., tot: _Optional[float] = ..., nonempty_bins: _Optional[int] = ..., acc_sum: _Optional[_Iterable[float]] = ..., missing_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReseedJobRequest(_message.Message):
+    __slots__ = ("job_id", "spec", "run_id", "state", "last_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: JobSpec
+    run_id: str
+    state: JobState
+    last_step: AppliedStep
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., run_id: _Optional[str] = ..., state: _Optional[_Union[JobState, _Mapping]] = ..., last_step: _Optional[_Union[AppliedStep, _Mapping]] = ...) -> None: ...
+
 class Histogram(_message.Message):
     __slots__ = ("counts", "tot")
     COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -137,7 +173,7 @@ class Histogram(_message.Message):
     def __init__(self, counts: _Optional[_Iterable[int]] = ..., tot: _Optional[float] = ...) -> None: ...
 
 class HarmonizeRequest(_message.Message):
-    __slots__ = ("job_id", "step", "rank", "gradient_norms", "residuals", "histogram", "label_weights")
+    __slots__ = ("job_id", "step", "rank", "gradient_norms", "residuals", "histogram", "label_weights", "expected_generation", "expected_steps")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +181,8 @@ class HarmonizeRequest(_message.Message):
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     LABEL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEPS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     rank: int
@@ -152,10 +190,12 @@ class HarmonizeRequest(_message.Message):
     residuals: bytes
     histogram: Histogram
     label_weights: bytes
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., gradient_norms: _Optional[bytes] = ..., residuals: _Optional[bytes] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ..., label_weights: _Optional[bytes] = ...) -> None: ...
+    expected_generation: int
+    expected_steps: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., gradient_norms: _Optional[bytes] = ..., residuals: _Optional[bytes] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ..., label_weights: _Optional[bytes] = ..., expected_generation: _Optional[int] = ..., expected_steps: _Optional[int] = ...) -> None: ...
 
 class HarmonizeResponse(_message.Message):
-    __slots__ = ("job_id", "step", "weights", "bin_weights", "tot", "nonempty_bins", "acc_sum", "missing_ranks")
+    __slots__ = ("job_id", "step", "weights", "bin_weights", "tot", "nonempty_bins", "acc_sum", "missing_ranks", "steps", "elements", "next_step", "generation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +204,10 @@ class HarmonizeResponse(_message.Message):
     NONEMPTY_BINS_FIELD_NUMBER: _ClassVar[int]
     ACC_SUM_FIELD_NUMBER: _ClassVar[int]
     MISSING_RANKS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     weights: bytes
@@ -172,4 +216,8 @@ class HarmonizeResponse(_message.Message):
     nonempty_bins: int
     acc_sum: _containers.RepeatedScalarFieldContainer[float]
     missing_ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., weights: _Optional[bytes] = ..., bin_weights: _Optional[_Iterable[float]] = ..., tot: _Optional[float] = ..., nonempty_bins: _Optional[int] = ..., acc_sum: _Optional[_Iterable[float]] = ..., missing_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    steps: int
+    elements: int
+    next_step: int
+    generation: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., weights: _Optional[bytes] = ..., bin_weights: _Optional[_Iterable[float]] = ..., tot: _Optional[float] = ..., nonempty_bins: _Optional[int] = ..., acc_sum: _Optional[_Iterable[float]] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ..., elements: _Optional[int] = ..., next_step: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...

@@ -66,6 +66,11 @@ class HarmonizerStub:
                 request_serializer=ghm_dot_v1_dot_ghm__pb2.RestoreJobRequest.SerializeToString,
                 response_deserializer=ghm_dot_v1_dot_ghm__pb2.Job.FromString,
                 _registered_method=True)
+        self.ReseedJob = channel.unary_unary(
+                '/ghm.v1.Harmonizer/ReseedJob',
+                request_serializer=ghm_dot_v1_dot_ghm__pb2.ReseedJobRequest.SerializeToString,
+                response_deserializer=ghm_dot_v1_dot_ghm__pb2.Job.FromString,
+                _registered_method=True)
         self.Harmonize = channel.unary_unary(
                 '/ghm.v1.Harmonizer/Harmonize',
                 request_serializer=ghm_dot_v1_dot_ghm__pb2.HarmonizeRequest.SerializeToString,
@@ -120,7 +125,18 @@ class HarmonizerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RestoreJob(self, request, context):
-        """Puts a job back to the state a checkpoint recorded (from GetJob), bit for bit.
+        """Puts a job back to the state a checkpoint recorded (from GetJob), bit for bit. Advances the
+        job's generation (see JobState.generation), so copies from before the restore are fenced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReseedJob(self, request, context):
+        """Creates the job if this replica has no copy of it, or replaces a stale copy, and puts it at
+        the state a client last acknowledged (from its last HarmonizeResponse), so that a job whose
+        replica died, paused or restarted goes on elsewhere without a lost or doubled step. The rule
+        is written at ReseedJobRequest. Idempotent: W ranks that race to reseed converge on one copy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +188,11 @@ def add_HarmonizerServicer_to_server(servicer, server):
             'RestoreJob': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreJob,
                     request_deserializer=ghm_dot_v1_dot_ghm__pb2.RestoreJobRequest.FromString,
+                    response_serializer=ghm_dot_v1_dot_ghm__pb2.Job.SerializeToString,
+            ),
+            'ReseedJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReseedJob,
+                    request_deserializer=ghm_dot_v1_dot_ghm__pb2.ReseedJobRequest.FromString,
                     response_serializer=ghm_dot_v1_dot_ghm__pb2.Job.SerializeToString,
             ),
             'Harmonize': grpc.unary_unary_rpc_method_handler(
@@ -348,6 +369,33 @@ class Harmonizer:
             target,
             '/ghm.v1.Harmonizer/RestoreJob',
             ghm_dot_v1_dot_ghm__pb2.RestoreJobRequest.SerializeToString,
+            ghm_dot_v1_dot_ghm__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReseedJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghm.v1.Harmonizer/ReseedJob',
+            ghm_dot_v1_dot_ghm__pb2.ReseedJobRequest.SerializeToString,
             ghm_dot_v1_dot_ghm__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -262,17 +262,17 @@ impl Method for Eqlv2 {
 
     /// Float32 sums in rank order, starting from rank 0's values: `((c_0 + c_1) + c_2) + ...`.
     /// No ranks at all give zeros, which is what the reference collects from an empty batch.
-    fn reduce(&self, in_rank_order: &[GradContribution]) -> Result<GradContribution, Error> {
-        let Some((first, rest)) = in_rank_order.split_first() else {
+    fn reduce(&self, in_rank_order: Vec<GradContribution>) -> Result<GradContribution, Error> {
+        let mut ranks = in_rank_order.into_iter();
+        let Some(mut total) = ranks.next() else {
             return Ok(GradContribution {
                 pos_grad: vec![0.0; self.num_classes()],
                 neg_grad: vec![0.0; self.num_classes()],
             });
         };
-        self.check_length(Field::PosGrad, first.pos_grad.len())?;
-        self.check_length(Field::NegGrad, first.neg_grad.len())?;
-        let mut total = first.clone();
-        for (offset, contribution) in rest.iter().enumerate() {
+        self.check_length(Field::PosGrad, total.pos_grad.len())?;
+        self.check_length(Field::NegGrad, total.neg_grad.len())?;
+        for (offset, contribution) in ranks.enumerate() {
             let rank = offset + 1;
             for (field, sums, values) in [
                 (Field::PosGrad, &mut total.pos_grad, &contribution.pos_grad),
@@ -394,7 +394,7 @@ mod tests {
                 "eqlv2.pos_grad[0] = NaN: must be finite and >= 0",
             ),
         ] {
-            let err = method.step(&mut state, &[bad]).unwrap_err();
+            let err = method.step(&mut state, vec![bad]).unwrap_err();
             assert_eq!(err.to_string(), expected);
             assert_eq!(state, before);
         }
@@ -408,7 +408,10 @@ mod tests {
             .unwrap();
         let before = state.clone();
         let err = method
-            .step(&mut state, &[contribution(&[1.0, f32::MAX], &[1.0, 1.0])])
+            .step(
+                &mut state,
+                vec![contribution(&[1.0, f32::MAX], &[1.0, 1.0])],
+            )
             .unwrap_err();
         assert!(
             matches!(
@@ -426,7 +429,7 @@ mod tests {
         // A class never seen as a negative divides by 1e-10: a large pos_grad leaves float32.
         let mut state = method.initial_state();
         let err = method
-            .step(&mut state, &[contribution(&[1e30, 1.0], &[0.0, 1.0])])
+            .step(&mut state, vec![contribution(&[1e30, 1.0], &[0.0, 1.0])])
             .unwrap_err();
         assert!(
             matches!(
@@ -447,7 +450,7 @@ mod tests {
         let method = eqlv2(1);
         let big = contribution(&[0.0], &[f32::MAX]);
         assert_eq!(
-            method.reduce(&[big.clone(), contribution(&[0.0], &[0.0]), big]),
+            method.reduce(vec![big.clone(), contribution(&[0.0], &[0.0]), big]),
             Err(Error::ReductionOverflow {
                 field: Field::NegGrad,
                 index: 0,
@@ -466,9 +469,9 @@ mod tests {
             contribution(&[4.0], &[0.0]),
             contribution(&[4.0], &[0.0]),
         ];
-        let in_order = method.reduce(&ranks).unwrap();
+        let in_order = method.reduce(ranks.to_vec()).unwrap();
         let swapped = method
-            .reduce(&[ranks[1].clone(), ranks[2].clone(), ranks[0].clone()])
+            .reduce(vec![ranks[1].clone(), ranks[2].clone(), ranks[0].clone()])
             .unwrap();
         // 1e8 + 4 is a tie that rounds back to 1e8; 4 + 4 first is exact.
         assert_eq!(in_order.pos_grad, [1e8]);
@@ -480,13 +483,13 @@ mod tests {
         let method = eqlv2(2);
         let mut state = method.initial_state();
         let table = method
-            .step(&mut state, &[contribution(&[2.0, 0.0], &[4.0, 1.0])])
+            .step(&mut state, vec![contribution(&[2.0, 0.0], &[4.0, 1.0])])
             .unwrap();
         assert_eq!(table.pos_neg_before, [INITIAL_POS_NEG; 2]);
         assert_eq!(table.pos_neg, [2.0f32 / (4.0 + 1e-10), 0.0]);
         assert_eq!(state.pos_neg(), table.pos_neg);
         let next = method
-            .step(&mut state, &[contribution(&[1.0, 1.0], &[0.0, 0.0])])
+            .step(&mut state, vec![contribution(&[1.0, 1.0], &[0.0, 0.0])])
             .unwrap();
         assert_eq!(next.pos_neg_before, table.pos_neg);
     }

@@ -265,7 +265,7 @@ impl Method for Seesaw {
     }
 
     /// Exact integer sums, so any order of the ranks gives the same total.
-    fn reduce(&self, in_rank_order: &[LabelCounts]) -> Result<LabelCounts, Error> {
+    fn reduce(&self, in_rank_order: Vec<LabelCounts>) -> Result<LabelCounts, Error> {
         let mut total = vec![0u64; self.labels()];
         for (rank, contribution) in in_rank_order.iter().enumerate() {
             self.check_length(Field::LabelCounts, contribution.counts.len())?;
@@ -360,7 +360,7 @@ mod tests {
             .unwrap();
         let before = state.clone();
         let too_short = LabelCounts { counts: vec![1, 1] };
-        let err = method.step(&mut state, &[too_short]).unwrap_err();
+        let err = method.step(&mut state, vec![too_short]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "seesaw.label_counts has 2 entries: the job has 2 classes, so seesaw.label_counts needs 3 (the last is the background)"
@@ -369,7 +369,7 @@ mod tests {
             counts: vec![1, MAX_SAMPLES_PER_CONTRIBUTION, 0],
         };
         assert_eq!(
-            method.step(&mut state, &[too_many]),
+            method.step(&mut state, vec![too_many]),
             Err(Error::TooManySamples {
                 field: Field::LabelCounts,
                 index: 1
@@ -398,7 +398,7 @@ mod tests {
             counts: vec![0, u64::MAX / 2 + 1],
         };
         assert_eq!(
-            method.reduce(&[big.clone(), big]),
+            method.reduce(vec![big.clone(), big]),
             Err(Error::ReductionOverflow {
                 field: Field::LabelCounts,
                 index: 1,

@@ -106,7 +106,7 @@ fn seesaw_cum_samples_come_out_bit_for_bit() {
         let mut state = method.initial_state();
         for index in 0..case.steps.len() {
             let counts = seesaw_counts(&method, &case, index);
-            let table = method.step(&mut state, &[counts]).unwrap();
+            let table = method.step(&mut state, vec![counts]).unwrap();
             let expected = f32s(&case.steps[index].expected.cum_samples);
             let where_ = format!("{} step {index}", case.name);
             assert_eq!(bits(&table), bits(&expected), "{where_}: cum_samples");
@@ -187,7 +187,7 @@ fn eqlv2_states_come_out_bit_for_bit() {
             );
 
             let table = method
-                .step(&mut state, &[listed_contribution(step)])
+                .step(&mut state, vec![listed_contribution(step)])
                 .unwrap();
             assert_eq!(
                 bits(&table.pos_neg_before),
@@ -421,7 +421,7 @@ proptest! {
         let (mut pos_grad, mut neg_grad) = (vec![0f32; classes], vec![0f32; classes]);
         for (ranks, order) in &steps {
             let arrived = in_rank_order_after_arrival(ranks, order);
-            let table = method.step(&mut state, &arrived).unwrap();
+            let table = method.step(&mut state, arrived).unwrap();
             let mut total = ranks[0].clone();
             for rank in &ranks[1..] {
                 for j in 0..classes {
@@ -429,7 +429,7 @@ proptest! {
                     total.neg_grad[j] += rank.neg_grad[j];
                 }
             }
-            prop_assert_eq!(bits(&method.reduce(ranks).unwrap().pos_grad), bits(&total.pos_grad));
+            prop_assert_eq!(bits(&method.reduce(ranks.clone()).unwrap().pos_grad), bits(&total.pos_grad));
             for j in 0..classes {
                 pos_grad[j] += total.pos_grad[j];
                 neg_grad[j] += total.neg_grad[j];
@@ -457,7 +457,7 @@ proptest! {
                 .map(|(pos, neg)| GradContribution { pos_grad: dyadic(pos), neg_grad: dyadic(neg) })
                 .collect();
             let order: Vec<usize> = order.iter().copied().filter(|&r| r < ranks.len()).collect();
-            method.step(&mut shared, &in_rank_order_after_arrival(&ranks, &order)).unwrap();
+            method.step(&mut shared, in_rank_order_after_arrival(&ranks, &order)).unwrap();
             let mut global = GradContribution { pos_grad: vec![0.0; 3], neg_grad: vec![0.0; 3] };
             for rank in ranks.iter().rev() {
                 for j in 0..3 {
@@ -465,7 +465,7 @@ proptest! {
                     global.neg_grad[j] += rank.neg_grad[j];
                 }
             }
-            method.step(&mut alone, &[global]).unwrap();
+            method.step(&mut alone, vec![global]).unwrap();
             prop_assert_eq!(&shared, &alone);
         }
     }
@@ -485,10 +485,10 @@ proptest! {
         for (ranks, order) in &steps {
             let arrived = in_rank_order_after_arrival(ranks, order);
             let reversed: Vec<LabelCounts> = ranks.iter().rev().cloned().collect();
-            prop_assert_eq!(method.reduce(&reversed).unwrap(), method.reduce(&arrived).unwrap());
-            method.step(&mut shared, &arrived).unwrap();
+            prop_assert_eq!(method.reduce(reversed).unwrap(), method.reduce(arrived.clone()).unwrap());
+            method.step(&mut shared, arrived).unwrap();
             let global: Vec<u64> = (0..labels).map(|u| ranks.iter().map(|r| r.counts[u]).sum()).collect();
-            method.step(&mut alone, &[LabelCounts { counts: global }]).unwrap();
+            method.step(&mut alone, vec![LabelCounts { counts: global }]).unwrap();
             prop_assert_eq!(&shared, &alone);
         }
     }
@@ -504,10 +504,10 @@ proptest! {
             shards.iter().map(|labels| method.count_labels(labels).unwrap()).collect();
         let concatenated: Vec<i64> = shards.concat();
         let whole = method.count_labels(&concatenated).unwrap();
-        prop_assert_eq!(&method.reduce(&per_rank).unwrap(), &whole);
+        prop_assert_eq!(&method.reduce(per_rank.clone()).unwrap(), &whole);
         let (mut shared, mut alone) = (method.initial_state(), method.initial_state());
-        method.step(&mut shared, &per_rank).unwrap();
-        method.step(&mut alone, &[whole]).unwrap();
+        method.step(&mut shared, per_rank).unwrap();
+        method.step(&mut alone, vec![whole]).unwrap();
         prop_assert_eq!(shared, alone);
     }
 }
@@ -526,12 +526,10 @@ fn seesaw_sums_a_steps_counts_before_the_float32_update() {
         LabelCounts { counts: vec![1, 0] },
     ];
     let mut shared = method.initial_state();
-    method.step(&mut shared, &ranks).unwrap();
+    method.step(&mut shared, ranks.to_vec()).unwrap();
     let mut one_by_one = method.initial_state();
     for rank in &ranks {
-        method
-            .step(&mut one_by_one, std::slice::from_ref(rank))
-            .unwrap();
+        method.step(&mut one_by_one, vec![rank.clone()]).unwrap();
     }
     // 2^24 + 2 is a float32; 2^24 + 1 is a tie that rounds back to 2^24, twice.
     assert_eq!(shared.cum_samples()[0], 16_777_218.0);
@@ -545,13 +543,13 @@ fn a_contribution_for_another_class_count_changes_nothing() {
     let seesaw = Seesaw::new(20, 0.8, 2.0, 0.01).unwrap();
     let mut state = seesaw.initial_state();
     seesaw
-        .step(&mut state, &[seesaw.count_labels(&[0, 20, 3]).unwrap()])
+        .step(&mut state, vec![seesaw.count_labels(&[0, 20, 3]).unwrap()])
         .unwrap();
     let before = state.clone();
     let other = Seesaw::new(19, 0.8, 2.0, 0.01).unwrap();
     let counts = other.count_labels(&[0, 19]).unwrap();
     let err = seesaw
-        .step(&mut state, &[seesaw.count_labels(&[1]).unwrap(), counts])
+        .step(&mut state, vec![seesaw.count_labels(&[1]).unwrap(), counts])
         .unwrap_err();
     assert_eq!(
         err,
@@ -570,7 +568,7 @@ fn a_contribution_for_another_class_count_changes_nothing() {
         pos_grad: vec![0.5; 20],
         neg_grad: vec![0.5; 21],
     };
-    let err = eqlv2.step(&mut state, &[wrong]).unwrap_err();
+    let err = eqlv2.step(&mut state, vec![wrong]).unwrap_err();
     assert!(
         matches!(
             err,

@@ -189,6 +189,18 @@ impl AnyContribution {
     }
 }
 
+impl AnyContribution {
+    /// What the job's `elements` counter adds up: GHM's valid elements, Seesaw's samples; an
+    /// EQLv2 contribution is column sums and tells no sample count.
+    pub fn samples(&self) -> u64 {
+        match self {
+            Self::Ghm(counts) => counts.valid_elements(),
+            Self::Seesaw(counts) => counts.samples(),
+            Self::Eqlv2(_) => 0,
+        }
+    }
+}
+
 /// A job's state between steps, of any method.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AnyState {
@@ -216,6 +228,10 @@ pub enum MethodError {
     Eqlv2(#[from] eqlv2::Error),
     #[error("{sent}: the job runs {}, send {}", job.name(), expected_input(*job))]
     WrongMethod { job: MethodKind, sent: &'static str },
+    #[error("state.acc_sum has {got} entries: the job has {bins} bins")]
+    AccSumLength { bins: usize, got: usize },
+    #[error("state.acc_sum[{index}] = {value}: must be finite and >= 0")]
+    AccSum { index: usize, value: f32 },
 }
 
 fn expected_input(kind: MethodKind) -> &'static str {
@@ -236,6 +252,34 @@ impl MethodSpec {
             },
             Self::Seesaw(_) => MethodKind::Seesaw,
             Self::Eqlv2(_) => MethodKind::Eqlv2,
+        }
+    }
+
+    /// Checks a state from a restore or a state file against the job, with the messages the job
+    /// core gives today for GHM's `acc_sum`.
+    pub fn check_state(&self, state: &AnyState) -> Result<(), MethodError> {
+        match (self, state) {
+            (Self::Ghm(method), AnyState::Ghm(density)) => {
+                let acc_sum = density.acc_sum();
+                let bins = method.spec.bins();
+                if acc_sum.len() != bins {
+                    return Err(MethodError::AccSumLength {
+                        bins,
+                        got: acc_sum.len(),
+                    });
+                }
+                match acc_sum
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+                {
+                    Some((index, &value)) => Err(MethodError::AccSum { index, value }),
+                    None => Ok(()),
+                }
+            }
+            (Self::Seesaw(method), AnyState::Seesaw(state)) => Ok(method.check_state(state)?),
+            (Self::Eqlv2(method), AnyState::Eqlv2(state)) => Ok(method.check_state(state)?),
+            (Self::Ghm(_) | Self::Seesaw(_) | Self::Eqlv2(_), _) => Err(self.wrong_state()),
         }
     }
 
@@ -502,5 +546,58 @@ mod tests {
                 .starts_with("seesaw.label_counts has 1 entries"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_restored_state_is_checked_against_the_job() {
+        let ghm = MethodSpec::Ghm(ghm_c(3, 0.5));
+        let density = |acc: Vec<f32>| AnyState::Ghm(Density::from_acc_sum(acc));
+        assert_eq!(ghm.check_state(&density(vec![0.0, 1.5, 2.0])), Ok(()));
+        assert_eq!(
+            ghm.check_state(&density(vec![0.0, 1.5]))
+                .unwrap_err()
+                .to_string(),
+            "state.acc_sum has 2 entries: the job has 3 bins"
+        );
+        let err = ghm
+            .check_state(&density(vec![0.0, f32::NAN, 1.0]))
+            .unwrap_err();
+        assert!(
+            matches!(err, MethodError::AccSum { index: 1, value } if value.is_nan()),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "state.acc_sum[1] = NaN: must be finite and >= 0"
+        );
+
+        // A state of the same method but another class count.
+        let job = seesaw(3);
+        let other = seesaw(4).initial_state();
+        assert!(matches!(
+            job.check_state(&other),
+            Err(MethodError::Seesaw(seesaw::Error::Length { got: 5, .. }))
+        ));
+        assert_eq!(job.check_state(&job.initial_state()), Ok(()));
+        assert!(matches!(
+            job.check_state(&eqlv2(3).initial_state()),
+            Err(MethodError::WrongMethod { sent: "state", .. })
+        ));
+        let eqlv2_job = eqlv2(2);
+        assert_eq!(eqlv2_job.check_state(&eqlv2_job.initial_state()), Ok(()));
+        assert!(eqlv2_job.check_state(&eqlv2(3).initial_state()).is_err());
+    }
+
+    #[test]
+    fn the_elements_counter_adds_up_samples() {
+        let counts = AnyContribution::Seesaw(LabelCounts {
+            counts: vec![2, 0, 5],
+        });
+        assert_eq!(counts.samples(), 7);
+        let grads = AnyContribution::Eqlv2(GradContribution {
+            pos_grad: vec![3.0],
+            neg_grad: vec![4.0],
+        });
+        assert_eq!(grads.samples(), 0);
     }
 }

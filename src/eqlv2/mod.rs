@@ -165,14 +165,21 @@ impl Eqlv2 {
         neg_grad: Vec<f32>,
         pos_neg: Vec<f32>,
     ) -> Result<Eqlv2State, Error> {
-        self.check_values(Field::StatePosGrad, &pos_grad)?;
-        self.check_values(Field::StateNegGrad, &neg_grad)?;
-        self.check_values(Field::StatePosNeg, &pos_neg)?;
-        Ok(Eqlv2State {
+        let state = Eqlv2State {
             pos_grad,
             neg_grad,
             pos_neg,
-        })
+        };
+        self.check_state(&state)?;
+        Ok(state)
+    }
+
+    /// Checks a state against this job: what a restore or a state file brings must be a state
+    /// of a job with this class count.
+    pub fn check_state(&self, state: &Eqlv2State) -> Result<(), Error> {
+        self.check_values(Field::StatePosGrad, &state.pos_grad)?;
+        self.check_values(Field::StateNegGrad, &state.neg_grad)?;
+        self.check_values(Field::StatePosNeg, &state.pos_neg)
     }
 
     /// The weights of a step from the `pos_neg` before it, in the reference's float32 operations:

@@ -192,20 +192,29 @@ impl Seesaw {
     /// A state restored from a checkpoint (mmdetection's `cum_samples` buffer, or ours): one
     /// count per label, so finite, >= 0 and whole.
     pub fn state_from_cum_samples(&self, cum_samples: Vec<f32>) -> Result<SeesawState, Error> {
+        let state = SeesawState { cum_samples };
+        self.check_state(&state)?;
+        Ok(state)
+    }
+
+    /// Checks a state against this job: what a restore or a state file brings must be a state
+    /// of a job with this class count.
+    pub fn check_state(&self, state: &SeesawState) -> Result<(), Error> {
+        let cum_samples = &state.cum_samples;
         self.check_length(Field::CumSamples, cum_samples.len())?;
-        if let Some((index, &value)) = cum_samples
+        match cum_samples
             .iter()
             .enumerate()
             .find(|(_, v)| !(v.is_finite() && **v >= 0.0 && v.fract() == 0.0))
         {
-            return Err(Error::BadState {
+            Some((index, &value)) => Err(Error::BadState {
                 field: Field::CumSamples,
                 index,
                 value,
                 expected: "a whole number of samples, finite and >= 0",
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(SeesawState { cum_samples })
     }
 }
 

@@ -131,7 +131,16 @@ impl Method for Ghm {
         Ok(total)
     }
 
+    /// `Density::step` indexes the density by the total's bins, so a total of another length is
+    /// refused here rather than trusted; the density itself is the job's, checked when it was
+    /// made or restored ([`MethodSpec::check_state`]).
     fn fold(&self, state: &mut Density, total: &BatchCounts) -> Result<BinTable, ghm::InputError> {
+        if total.counts.len() != self.spec.bins() {
+            return Err(ghm::InputError::HistogramLength {
+                expected: self.spec.bins(),
+                got: total.counts.len(),
+            });
+        }
         Ok(state.step(self.spec.momentum(), total))
     }
 }
@@ -442,6 +451,13 @@ mod tests {
                 got: 9
             })
         );
+        assert_eq!(state, before);
+        // The fold alone, as the job core may call it with a total it did not check.
+        let long = BatchCounts {
+            counts: vec![1; 11],
+            tot: 11.0,
+        };
+        assert!(method.fold(&mut state, &long).is_err());
         assert_eq!(state, before);
     }
 

@@ -207,7 +207,7 @@ pub struct GradContribution {
     pub neg_grad: Vec<f32>,
 }
 
-/// mmdetection's `_pos_grad`, `_neg_grad` and `pos_neg` buffers.
+/// mmdetection's `pos_grad`, `neg_grad` and `pos_neg` buffers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Eqlv2State {
     pos_grad: Vec<f32>,

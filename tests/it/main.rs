@@ -21,6 +21,7 @@ mod process;
 mod properties;
 mod security;
 mod soak;
+mod state_format;
 mod steps;
 mod streams;
 mod validation;

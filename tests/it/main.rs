@@ -17,6 +17,7 @@ mod health_command;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod methods;
 mod metrics;
 mod persistence;
 mod process;

@@ -132,7 +132,8 @@ def job_id(request) -> str:
 
 
 def conformance_cases():
-    return sorted(CONFORMANCE.glob("*.json"))
+    # The GHM cases; seesaw_*.json and eqlv2_*.json beside them have other shapes.
+    return sorted(CONFORMANCE.glob("ghm*.json"))
 
 
 def load_case(path: Path) -> dict:

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use ghmd::proto::JobSpec;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 #[derive(Deserialize, Debug)]
 pub struct Case {
@@ -65,15 +66,27 @@ impl Case {
     }
 }
 
+/// The GHM cases (`ghm*.json`); the other methods' vectors beside them have their own shapes.
 pub fn conformance_cases() -> Vec<Case> {
+    let cases = cases_named("ghm");
+    assert!(cases.len() >= 5, "GHM conformance vectors missing");
+    cases
+}
+
+/// Every case of tests/data/conformance whose file name starts with `prefix`, in name order.
+pub fn cases_named<T: DeserializeOwned>(prefix: &str) -> Vec<T> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/conformance");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("conformance directory")
         .map(|entry| entry.expect("directory entry").path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(prefix))
+        })
         .collect();
     paths.sort();
-    assert!(paths.len() >= 5, "conformance vectors missing from {dir:?}");
     paths
         .iter()
         .map(|path| {
@@ -81,4 +94,62 @@ pub fn conformance_cases() -> Vec<Case> {
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
         })
         .collect()
+}
+
+/// A `seesaw_*.json` case: mmdetection's `SeesawLoss` over a sequence of steps.
+#[derive(Deserialize, Debug)]
+pub struct SeesawCase {
+    pub name: String,
+    pub num_classes: u32,
+    pub p: f64,
+    pub q: f64,
+    pub eps: f64,
+    pub steps: Vec<SeesawStep>,
+}
+
+/// The counts-only case has no samples, only `expected`.
+#[derive(Deserialize, Debug)]
+pub struct SeesawStep {
+    #[serde(default)]
+    pub labels: Vec<i64>,
+    #[serde(default)]
+    pub label_weights: Vec<f64>,
+    pub expected: SeesawExpected,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct SeesawExpected {
+    pub label_counts: Vec<u64>,
+    pub cum_samples: Vec<f64>,
+}
+
+/// An `eqlv2_*.json` case: mmdetection's `EQLV2Loss` over a sequence of steps.
+#[derive(Deserialize, Debug)]
+pub struct Eqlv2Case {
+    pub name: String,
+    pub num_classes: u32,
+    pub gamma: f64,
+    pub mu: f64,
+    pub alpha: f64,
+    pub steps: Vec<Eqlv2Step>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Eqlv2Step {
+    /// N rows of C + 1 logits, row-major.
+    pub cls_score: Vec<f64>,
+    pub labels: Vec<i64>,
+    pub expected: Eqlv2Expected,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Eqlv2Expected {
+    pub pos_neg_before: Vec<f64>,
+    pub pos_w: Vec<f64>,
+    pub neg_w: Vec<f64>,
+    pub pos_grad_contribution: Vec<f64>,
+    pub neg_grad_contribution: Vec<f64>,
+    pub pos_grad: Vec<f64>,
+    pub neg_grad: Vec<f64>,
+    pub pos_neg: Vec<f64>,
 }

@@ -43,7 +43,8 @@ def test_checkpoint_round_trip(address, job_id, tmp_path, mode):
     torch.save(head.state_dict(), tmp_path / "epoch_1.pth")
     saved = torch.load(tmp_path / "epoch_1.pth")
     assert set(saved) == {f"loss_cls.{key}" for key in
-                          ("edges", "acc_sum", "steps", "elements", "next_step")}
+                          ("edges", "acc_sum", "steps", "elements", "next_step", "run_id")}
+    assert bytes(saved["loss_cls.run_id"].tolist()).decode() == head.loss_cls._job.run_id != ""
     assert int(saved["loss_cls.steps"]) == 4 and int(saved["loss_cls.next_step"]) == 4
     elements = sum(int((w > 0).sum()) for _, _, w in batches[:4])
     assert int(saved["loss_cls.elements"]) == elements

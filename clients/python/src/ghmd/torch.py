@@ -61,6 +61,15 @@ def _resume_run(run_id: str) -> None:
     _RUN = run_id
 
 
+def _run_without_collective() -> Optional[str]:
+    """The run identity where it can be had without the collective: already drawn, or a
+    process alone. A call on one rank only (CheckpointHook's state_dict on rank 0) before the
+    first step of a distributed run has none (the job is then created without one)."""
+    dist = torch.distributed
+    alone = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    return _RUN if _RUN is not None or not alone else run_identity()
+
+
 def run_identity() -> str:
     """This training run's identity: drawn once per process at random by rank 0 and shared over
     the default process group (a collective: every rank must call it, as every rank calls the
@@ -270,6 +279,8 @@ class _RemoteGHM(nn.Module):
 
     def _ensure_job(self, run_id: Optional[str] = None) -> Any:
         if self._job is None:
+            if run_id is None:
+                run_id = _run_without_collective()
             world_size, _ = self._world()
             self._job = self._connection().create_job(
                 self.job_id,

@@ -119,7 +119,7 @@ def replica_of(call) -> str:
 
 def train(proxy: str, reference: str, job_id: str, first: str, last: str, ledger_path: str) -> None:
     ledger_file = Path(ledger_path)
-    if ledger_file.exists():
+    if ledger_file.exists() and ledger_file.stat().st_size > 0:
         ledger = json.loads(ledger_file.read_text())
     else:
         ledger = {"state": None, "replicas": [], "reseeds": {"not_found": 0, "stale": 0}}
@@ -130,15 +130,18 @@ def train(proxy: str, reference: str, job_id: str, first: str, last: str, ledger
         with_retry(lambda: harmonizer.CreateJob(
             ghm_pb2.CreateJobRequest(job_id=job_id, spec=SPEC), metadata=metadata))
         truth.CreateJob(ghm_pb2.CreateJobRequest(job_id=job_id, spec=SPEC))
+    trail = []
     for step in range(int(first), int(last)):
-        if ledger["state"] is not None:
-            reseed_if_needed(harmonizer, job_id, ledger)
+        checked_on = reseed_if_needed(harmonizer, job_id, ledger) if ledger["state"] is not None else "-"
         request = ghm_pb2.HarmonizeRequest(job_id=job_id, step=step, histogram=histogram(job_id, step))
+        began = time.monotonic()
         answer, call = with_retry(lambda: harmonizer.Harmonize.with_call(request, metadata=metadata))
+        trail.append(f"{step}:{checked_on}/{replica_of(call)}/{time.monotonic() - began:.3f}s")
         expected = truth.Harmonize(request)
         if f32_bits(answer.bin_weights) != f32_bits(expected.bin_weights):
             fail(f"step {step}: weights {list(answer.bin_weights)} from {replica_of(call)}, "
-                 f"the reference gave {list(expected.bin_weights)}")
+                 f"the reference gave {list(expected.bin_weights)}; steps as step:checked on/"
+                 f"answered by/took: {' '.join(trail)}")
         if f32_bits(answer.acc_sum) != f32_bits(expected.acc_sum):
             fail(f"step {step}: acc_sum differs from the reference's")
         replica = replica_of(call)
@@ -154,13 +157,15 @@ def train(proxy: str, reference: str, job_id: str, first: str, last: str, ledger
           f"{' -> '.join(ledger['replicas'])}; reseeds {ledger['reseeds']}")
 
 
-def reseed_if_needed(harmonizer, job_id: str, ledger: dict) -> None:
+def reseed_if_needed(harmonizer, job_id: str, ledger: dict) -> str:
+    """Where the step will go, as far as the proxy tells."""
     metadata = routed(job_id)
     acknowledged = ghm_pb2.JobState.FromString(base64.b64decode(ledger["state"]))
     try:
-        job = with_retry(lambda: harmonizer.GetJob(ghm_pb2.GetJobRequest(job_id=job_id), metadata=metadata))
+        job, call = with_retry(lambda: harmonizer.GetJob.with_call(
+            ghm_pb2.GetJobRequest(job_id=job_id), metadata=metadata))
         if job.state == acknowledged:
-            return
+            return replica_of(call)
         ledger["reseeds"]["stale"] += 1
         print(f"reseed: a stale copy at step {job.state.steps} (acknowledged {acknowledged.steps})",
               file=sys.stderr)
@@ -171,8 +176,9 @@ def reseed_if_needed(harmonizer, job_id: str, ledger: dict) -> None:
         print(f"reseed: {job_id} not found at step {acknowledged.steps}", file=sys.stderr)
         with_retry(lambda: harmonizer.CreateJob(
             ghm_pb2.CreateJobRequest(job_id=job_id, spec=SPEC), metadata=metadata))
-    with_retry(lambda: harmonizer.RestoreJob(
+    _, call = with_retry(lambda: harmonizer.RestoreJob.with_call(
         ghm_pb2.RestoreJobRequest(job_id=job_id, state=acknowledged), metadata=metadata))
+    return f"reseeded on {replica_of(call)}"
 
 
 if __name__ == "__main__":

@@ -367,8 +367,12 @@ def replicas() -> None:
     if size_bytes(notes.get(prefix + "proxy-body-size", "1m")) <= body:
         fail(f"k8s/ingress-nginx: proxy-body-size is not above --max-recv-message-bytes ({body})")
     backends = {p["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
-    if backends != {spec_["serviceName"]}:
-        fail(f"k8s/ingress-nginx: the Ingress sends to {backends}, the replicas are behind {spec_['serviceName']}")
+    services = {d["metadata"]["name"]: d for d in docs["ingress-nginx"] if d["kind"] == "Service"}
+    pod_labels = spec_["template"]["metadata"]["labels"]
+    for name in backends:
+        selector = services.get(name, {}).get("spec", {}).get("selector")
+        if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
+            fail(f"k8s/ingress-nginx: the Ingress sends to {name}, which does not select the replicas")
     print("replicas: k8s StatefulSet of 3, its headless Service, HAProxy and the Ingress agree")
 
     # --- nginx

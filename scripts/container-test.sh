@@ -69,7 +69,7 @@ make_base_image() {
   fi
   log "debootstrap --variant=minbase bookworm from $mirror into $base_image"
   # A fixed place under the cache, so that an interrupted run's leftovers are removed by the next.
-  local rootfs="$cache/base-rootfs"
+  local rootfs="$cache/base-rootfs" started=$SECONDS
   rm -rf "$rootfs"
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1 ||
     { tail -n 30 "$cache/debootstrap.log" >&2; die "debootstrap failed"; }
@@ -106,7 +106,7 @@ EOF
   find "$rootfs/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias -exec rm -rf {} +
   tar -C "$rootfs" -c . | podman import --quiet --change 'CMD ["/bin/bash"]' - "$base_image" >/dev/null
   rm -rf "$rootfs"
-  log "$base_image imported, $(image_size "$base_image")"
+  log "$base_image imported $((SECONDS - started)) s after debootstrap began, $(image_size "$base_image")"
 }
 
 make_builder_image() {
@@ -115,25 +115,32 @@ make_builder_image() {
     return
   fi
   log "building $builder_image (Debian's rustc-web and cargo-web)"
-  podman build --quiet --build-arg BASE_IMAGE="$base_image" -t "$builder_image" \
-    -f deploy/podman/builder.Containerfile deploy/podman >/dev/null
+  build_image "$builder_image" --build-arg BASE_IMAGE="$base_image" \
+    -f deploy/podman/builder.Containerfile deploy/podman
+}
+
+# podman build IMAGE ARGS..., its output in a log under the cache, shown when it fails.
+build_image() {
+  local image=$1 started=$SECONDS name=${1##*/}
+  local build_log="$cache/${name/:/-}-build.log"
+  podman build -t "$image" "${@:2}" >"$build_log" 2>&1 ||
+    { tail -n 60 "$build_log" >&2; die "podman build of $image failed"; }
+  log "$image built in $((SECONDS - started)) s, $(image_size "$image")"
 }
 
 make_images() {
+  local started=$SECONDS
   make_base_image
   make_builder_image
   log "building $haproxy_image"
-  podman build --quiet --build-arg BASE_IMAGE="$base_image" -t "$haproxy_image" \
-    -f deploy/haproxy/Containerfile deploy/haproxy >/dev/null
+  build_image "$haproxy_image" --build-arg BASE_IMAGE="$base_image" \
+    -f deploy/haproxy/Containerfile deploy/haproxy
   log "building $ghmd_image from deploy/Dockerfile"
-  local started=$SECONDS
   # --format docker keeps the HEALTHCHECK; the cache mounts keep cargo's registry and target
   # directory between builds, so a changed source rebuilds only ghmd itself.
-  podman build --format docker --build-arg BUILD_IMAGE="$builder_image" \
-    --build-arg RUNTIME_IMAGE="$base_image" -v "$ca_dir:/etc/ssl/certs:ro" \
-    -t "$ghmd_image" -f deploy/Dockerfile . >"$cache/ghmd-image-build.log" 2>&1 ||
-    { tail -n 60 "$cache/ghmd-image-build.log" >&2; die "podman build of deploy/Dockerfile failed"; }
-  log "$ghmd_image built in $((SECONDS - started)) s, $(image_size "$ghmd_image")"
+  build_image "$ghmd_image" --format docker --build-arg BUILD_IMAGE="$builder_image" \
+    --build-arg RUNTIME_IMAGE="$base_image" -v "$ca_dir:/etc/ssl/certs:ro" -f deploy/Dockerfile .
+  log "images ready in $((SECONDS - started)) s"
 }
 
 image_size() { podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%.1f MB", $1 / 1e6}'; }
@@ -313,6 +320,7 @@ EOF
 }
 
 main() {
+  local started=$SECONDS
   install_tools
   local commands=("$@")
   [[ ${#commands[@]} -gt 0 ]] || commands=(images single compose)
@@ -325,6 +333,7 @@ main() {
       *) die "unknown command $command (images, single, compose)" ;;
     esac
   done
+  log "done in $((SECONDS - started)) s"
 }
 
 main "$@"

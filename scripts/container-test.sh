@@ -297,6 +297,13 @@ compose_test() {
   log "compose: $holder restarted"
   podman start "$container" >/dev/null
   wait_replicas_up "ghmd-0 ghmd-1 ghmd-2"
+  # Counted UP is not yet reached: wait until the job's calls answer from it, promptly (calls
+  # hung for a minute on a dead pooled connection before haproxy.cfg said `http-reuse never`).
+  client route "$proxy" "$job" "$holder" || {
+    curl -s "http://127.0.0.1:$stats_port/stats;csv" | grep "^ghmd,$holder" >&2
+    podman logs "${project}_haproxy_1" 2>&1 | grep -v 'GET\|POST' | tail -n 12 >&2
+    die "the restarted $holder is not reached through HAProxy"
+  }
   client train "$proxy" "$reference" "$job" 80 120 "$ledger"
   "$venv/bin/python" - "$ledger" "$holder" <<'EOF'
 import json, sys

@@ -4,6 +4,7 @@
   health ADDR                          exit 0 once ghm.v1.Harmonizer is SERVING (30 s at most)
   steps ADDR JOB N                     create JOB, apply N histogram steps, print GetJob as JSON
   get-job ADDR JOB                     print GetJob as JSON
+  route PROXY JOB REPLICA              wait until PROXY sends JOB's calls to REPLICA, promptly
   train PROXY REFERENCE JOB FIRST LAST LEDGER
                                        steps FIRST..LAST of JOB through PROXY, each checked bit for
                                        bit against REFERENCE, a ghmd that never fails
@@ -114,7 +115,31 @@ def with_retry(call):
 
 
 def replica_of(call) -> str:
-    return dict(call.initial_metadata()).get("x-ghmd-replica", "?")
+    # A call that ends with an error in its headers (gRPC's trailers-only response) carries the
+    # proxy's header among the trailing metadata.
+    metadata = dict(call.initial_metadata() or ()) | dict(call.trailing_metadata() or ())
+    return metadata.get("x-ghmd-replica", "?")
+
+
+def route(proxy: str, job_id: str, replica: str) -> None:
+    """Waits until the proxy sends the job's calls to `replica` and they answer at once, so that
+    a step does not start while the route is still changing."""
+    harmonizer = stub(proxy)
+    deadline = time.monotonic() + 60
+    last = None
+    while time.monotonic() < deadline:
+        began = time.monotonic()
+        try:
+            _, call = harmonizer.GetJob.with_call(
+                ghm_pb2.GetJobRequest(job_id=job_id), metadata=routed(job_id), timeout=1)
+        except grpc.RpcError as error:
+            call = error
+        last = (replica_of(call), call.code().name, round(time.monotonic() - began, 3))
+        if last[0] == replica and last[1] in ("OK", "NOT_FOUND") and last[2] < 0.5:
+            print(f"route: {job_id} goes to {replica}")
+            return
+        time.sleep(0.1)
+    fail(f"the proxy never sent {job_id} to {replica} promptly; last: {last}")
 
 
 def train(proxy: str, reference: str, job_id: str, first: str, last: str, ledger_path: str) -> None:
@@ -183,4 +208,4 @@ def reseed_if_needed(harmonizer, job_id: str, ledger: dict) -> str:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"health": health, "steps": steps, "get-job": get_job, "train": train}[command](*args)
+    {"health": health, "steps": steps, "get-job": get_job, "train": train, "route": route}[command](*args)

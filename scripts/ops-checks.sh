@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The operations checks, with the real tools: hadolint on deploy/Dockerfile, the compose file
-# against the Compose specification, deploy/k8s with kubernetes-validate, the Grafana
+# The operations checks, with the real tools: hadolint on deploy/Dockerfile, the compose files
+# against the Compose specification, deploy/k8s with kubernetes-validate (as written and as
+# kubectl kustomize renders it), the HAProxy configs with haproxy -c, the nginx config with
+# nginx -t, the 3-replica files against each other and ghmd's limits, the Grafana
 # dashboard's queries with promtool; then a running ghmd: promtool check metrics on its scrape,
 # the OpenMetrics scrape through a strict parser, and a real Prometheus server (Debian's
 # prometheus package) scraping it and answering the request counts of known traffic.
 #
-# Needs promtool and prometheus on PATH (.ci/run installs Debian's prometheus package) and
-# builds its Python tools with scripts/ops-venv.sh. Called by scripts/test.sh.
+# Needs promtool, prometheus, haproxy, nginx and kubectl on PATH (scripts/setup.sh installs
+# Debian's packages) and builds its Python tools with scripts/ops-venv.sh. Called by
+# scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in promtool prometheus curl; do
-  command -v "$tool" >/dev/null || { echo "ops-checks: $tool is not installed (apt-get install prometheus curl)" >&2; exit 1; }
+for tool in promtool prometheus curl haproxy nginx kubectl; do
+  command -v "$tool" >/dev/null || { echo "ops-checks: $tool is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
 done
 venv=$(scripts/ops-venv.sh)
 py="$venv/bin/python"
@@ -24,18 +27,33 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== hadolint deploy/Dockerfile"
-"$venv/bin/hadolint" deploy/Dockerfile
+echo "== hadolint: the Dockerfile and the local images' Containerfiles"
+"$venv/bin/hadolint" deploy/Dockerfile deploy/podman/builder.Containerfile deploy/haproxy/Containerfile
 
-echo "== compose file"
-"$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
+echo "== compose files"
+"$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml deploy/compose/compose.yaml
 "$py" scripts/ops_checks.py compose
 
 echo "== kubernetes manifests"
 # ServiceMonitor and Kustomization have no schema in kubernetes-validate (it warns); the
-# references between all of them are checked by ops_checks.py k8s.
-"$venv/bin/kubernetes-validate" --strict --quiet deploy/k8s/*.yaml
+# references between all of them are checked by ops_checks.py k8s and replicas.
+"$venv/bin/kubernetes-validate" --strict --quiet deploy/k8s/*.yaml deploy/k8s/*/*.yaml
+# Each kustomization as kubectl would apply it (generated ConfigMap and images included).
+for dir in deploy/k8s deploy/k8s/haproxy deploy/k8s/ingress-nginx; do
+  kubectl kustomize "$dir" >"$work/kustomized.yaml"
+  "$venv/bin/kubernetes-validate" --strict --quiet "$work/kustomized.yaml"
+done
 "$py" scripts/ops_checks.py k8s
+
+echo "== the 3-replica deployments: HAProxy and nginx configs, and how they agree"
+# The replicas' names resolve only beside them (compose's or the cluster's DNS): HAProxy checks
+# with the servers unresolved (init-addr none); nginx resolves upstreams when it loads, so its
+# copy points them at loopback.
+GHMD_NAMESERVER=127.0.0.1 haproxy -c -q -f deploy/haproxy/haproxy.cfg
+NAMESPACE=default CLUSTER_DOMAIN=cluster.local haproxy -c -q -f deploy/k8s/haproxy/haproxy.cfg
+sed -E 's/server ghmd-[0-9]+:/server 127.0.0.1:/' deploy/nginx/nginx.conf >"$work/nginx.conf"
+nginx -q -t -c "$work/nginx.conf"
+"$py" scripts/ops_checks.py replicas
 
 echo "== Grafana dashboard queries"
 "$py" scripts/ops_checks.py dashboard-rules "$work/dashboard-rules.yml"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what scripts/test.sh needs on a fresh machine, and does nothing that is already done:
 # rustfmt and clippy; openssl (the Python client's TLS test certificates); Debian's prometheus
-# (promtool and a real Prometheus server) and curl; Debian's haproxy and nginx (the failover
-# tests put them in front of 3 replicas); the Python test environment and the
+# (promtool and a real Prometheus server) and curl; haproxy, nginx and kubectl for the deployment
+# checks; podman, buildah, podman-compose, debootstrap, runc and CNI's dnsname plugin for the
+# container tests; the Python test environment and the
 # operations tools, each in a virtual environment outside the clone, keyed by its pinned
 # requirements; cargo-fuzz, built once under ~/.cache/ghmd-ci. Needs root for apt-get, as on CI.
 set -euo pipefail
@@ -13,8 +14,13 @@ missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
 { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
-[ -x /usr/sbin/haproxy ] || missing+=(haproxy)
-[ -x /usr/sbin/nginx ] || missing+=(nginx)
+# The proxies and kubectl (kustomize) of the deployment checks; podman and what
+# scripts/container-test.sh builds and runs images with.
+for tool in haproxy nginx podman buildah podman-compose debootstrap runc; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
+[[ -x /usr/lib/cni/dnsname ]] || missing+=(golang-github-containernetworking-plugin-dnsname)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== apt-get install ${missing[*]}" >&2
   apt-get update -qq

@@ -30,3 +30,10 @@ ghmd_bin="$PWD/target/release/ghmd"
   "$venv/bin/python" -m pytest)
 echo "== operations: deploy files, promtool, a Prometheus server scraping ghmd"
 scripts/ops-checks.sh
+# setup.sh installs podman; without it (a machine where apt-get cannot run) the section is skipped.
+if command -v podman >/dev/null; then
+  echo "== containers: the image built with podman, one container, 3 replicas behind HAProxy"
+  scripts/container-test.sh
+else
+  echo "== containers: SKIPPED, podman is not installed"
+fi

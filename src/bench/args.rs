@@ -66,6 +66,12 @@ pub struct BenchArgs {
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
 
+    /// The CPUs the started server may run on (`taskset -c` syntax, e.g. `1`). With the bench
+    /// itself under `taskset -c 0`, client and server each get a core of their own, and the
+    /// figures are the server's rather than the two's contention.
+    #[arg(long)]
+    pub server_cpus: Option<String>,
+
     /// The ghmd binary the bench starts when there is no --target; default: this one.
     #[arg(long)]
     pub server_binary: Option<PathBuf>,

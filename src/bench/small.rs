@@ -12,7 +12,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::raw::cpu_used;
 use super::stats::{Call, Latency, Run, closed_loop};
-use super::target::Target;
+use super::target::{Target, runqueue_wait};
 use super::{BenchError, JobNames, create_job, rpc};
 use ghmd::client::Transport;
 use ghmd::proto::harmonize_request::Input;
@@ -62,7 +62,7 @@ pub struct SmallReport {
     /// The level with the highest histogram rate.
     pub saturating_concurrency: usize,
     pub saturating_rate: f64,
-    pub half_rate: Paced,
+    pub half_rate: HalfRate,
 }
 
 /// Requests sent at a steady pace, each timed from when it was sent.
@@ -71,6 +71,22 @@ pub struct Paced {
     pub target_rate: f64,
     pub achieved_rate: f64,
     pub latency: Latency,
+    /// How late the generator started each request against its schedule: a tail here is the
+    /// client's (its pacing thread or runtime waiting for a core), not the server's.
+    pub send_lateness: Latency,
+    /// Time the server's threads spent runnable but waiting for a core during the run, per
+    /// request, in microseconds (a server the bench started; `/proc/<pid>/task/*/schedstat`).
+    pub server_runqueue_wait_us_per_request: Option<f64>,
+    /// The same for the bench's own threads.
+    pub client_runqueue_wait_us_per_request: Option<f64>,
+}
+
+/// The histogram requests at half the saturating rate, and health checks at the same rate on
+/// the same connections: the tail a bare gRPC call has on this machine at that moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct HalfRate {
+    pub histogram: Paced,
+    pub health: Paced,
 }
 
 pub async fn run(
@@ -156,7 +172,15 @@ pub async fn run(
             histogram: histogram.clone(),
         })
         .collect();
-    let half_rate = paced(clients, best.1 / 2.0, duration).await?;
+    let health_clients: Vec<HealthWorker> = (0..best.0.max(1))
+        .map(|i| HealthWorker {
+            client: target.health(channels[i % CONNECTIONS].clone()),
+        })
+        .collect();
+    let half_rate = HalfRate {
+        histogram: paced(target, clients, best.1 / 2.0, duration).await?,
+        health: paced(target, health_clients, best.1 / 2.0, duration).await?,
+    };
     Ok(SmallReport {
         points,
         saturating_concurrency: best.0,
@@ -168,8 +192,9 @@ pub async fn run(
 /// Sends requests at `rate` per second for `duration`, whether or not earlier ones have been
 /// answered (an open loop, as independent clients behave). A plain thread keeps the pace,
 /// since the runtime's timers tick in milliseconds; each request runs on the runtime.
-async fn paced(
-    workers: Vec<HistogramWorker>,
+async fn paced<W: Call + Clone + Sync>(
+    target: &Target,
+    workers: Vec<W>,
     rate: f64,
     duration: Duration,
 ) -> Result<Paced, BenchError> {
@@ -181,6 +206,8 @@ async fn paced(
     let workers = Arc::new(workers);
     let runtime = tokio::runtime::Handle::current();
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let server_wait_start = target.server_runqueue_wait()?;
+    let client_wait_start = runqueue_wait(std::process::id());
     let start = Instant::now();
     let pacer = std::thread::spawn(move || {
         for index in 0..count {
@@ -192,7 +219,10 @@ async fn paced(
             let mut worker = workers[index % workers.len()].clone();
             let answer = runtime.spawn(async move {
                 let sent = Instant::now();
-                worker.call().await.map(|()| sent.elapsed())
+                worker
+                    .call()
+                    .await
+                    .map(|()| (sent.elapsed(), sent.saturating_duration_since(due)))
             });
             if sender.send(answer).is_err() {
                 break;
@@ -201,14 +231,20 @@ async fn paced(
     });
     let mut answers = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver);
     let mut latencies = Vec::with_capacity(count);
+    let mut lateness = Vec::with_capacity(count);
     while let Some(answer) = answers.next().await {
-        latencies.push(
-            answer
-                .await
-                .map_err(|e| BenchError::Task(e.to_string()))??,
-        );
+        let (latency, late) = answer
+            .await
+            .map_err(|e| BenchError::Task(e.to_string()))??;
+        latencies.push(latency);
+        lateness.push(late);
     }
     let elapsed = start.elapsed();
+    let per_request = |start: Option<Duration>, end: Option<Duration>| {
+        cpu_used(start, end).map(|wait| wait.as_secs_f64() * 1e6 / latencies.len().max(1) as f64)
+    };
+    let server_wait = per_request(server_wait_start, target.server_runqueue_wait()?);
+    let client_wait = per_request(client_wait_start, runqueue_wait(std::process::id()));
     pacer
         .join()
         .map_err(|_| BenchError::Task("the pacing thread panicked".to_owned()))?;
@@ -216,6 +252,9 @@ async fn paced(
         target_rate: rate,
         achieved_rate: latencies.len() as f64 / elapsed.as_secs_f64(),
         latency: Latency::of(&mut latencies),
+        send_lateness: Latency::of(&mut lateness),
+        server_runqueue_wait_us_per_request: server_wait,
+        client_runqueue_wait_us_per_request: client_wait,
     })
 }
 
@@ -244,6 +283,7 @@ impl Call for HistogramWorker {
     }
 }
 
+#[derive(Clone)]
 struct HealthWorker {
     client: HealthClient<Transport>,
 }

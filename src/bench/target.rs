@@ -73,8 +73,9 @@ impl Target {
         credentials: Credentials,
         binary: Option<&Path>,
         extra_args: &[String],
+        cpus: Option<&str>,
     ) -> Result<Self, BenchError> {
-        let server = StartedServer::spawn(binary, extra_args)?;
+        let server = StartedServer::spawn(binary, extra_args, cpus)?;
         let mut target = Self {
             uri: format!("http://{}", server.addr),
             credentials,
@@ -103,6 +104,15 @@ impl Target {
             Some(server) => cpu_time(server.child.id()).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The time the started server's threads have spent waiting for a core so far; `None` for
+    /// a `--target` or a kernel without schedstats.
+    pub fn server_runqueue_wait(&self) -> Result<Option<Duration>, BenchError> {
+        Ok(self
+            .server
+            .as_ref()
+            .and_then(|server| runqueue_wait(server.child.id())))
     }
 
     /// A new HTTP/2 connection.
@@ -160,14 +170,27 @@ struct StartedServer {
 }
 
 impl StartedServer {
-    fn spawn(binary: Option<&Path>, extra_args: &[String]) -> Result<Self, BenchError> {
+    fn spawn(
+        binary: Option<&Path>,
+        extra_args: &[String],
+        cpus: Option<&str>,
+    ) -> Result<Self, BenchError> {
         let addr = free_loopback_port()?;
         let exe = match binary {
             Some(path) => path.to_owned(),
             None => std::env::current_exe()
                 .map_err(|e| BenchError::Target(format!("cannot find the ghmd binary: {e}")))?,
         };
-        let child = Command::new(exe)
+        // taskset execs the server in its own process: the child's pid stays the server's.
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.arg("-c").arg(cpus).arg(exe);
+                taskset
+            }
+            None => Command::new(exe),
+        };
+        let child = command
             .arg("serve")
             .arg(format!("--listen={addr}"))
             .arg("--metrics-listen=127.0.0.1:0")
@@ -227,6 +250,19 @@ fn resident_bytes(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| BenchError::Memory(format!("{path} has no VmRSS line")))
 }
 
+/// The run-queue wait of a process's live threads (the second field of each thread's
+/// `schedstat`, in nanoseconds): time runnable but not running. Threads that ended are not
+/// counted, so the difference of two readings is a lower bound.
+pub fn runqueue_wait(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += schedstat.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
 /// utime + stime of a process, from `/proc/<pid>/stat`, in USER_HZ ticks (100 per second on
 /// every Linux architecture this runs on).
 fn cpu_time(pid: u32) -> Result<Duration, BenchError> {
@@ -276,6 +312,15 @@ mod tests {
             now >= before + Duration::from_millis(20),
             "{before:?} -> {now:?}"
         );
+    }
+
+    #[test]
+    fn the_runqueue_wait_of_this_process_is_read_from_proc() {
+        let before = runqueue_wait(std::process::id()).expect("schedstat");
+        let after = runqueue_wait(std::process::id()).expect("schedstat");
+        // Threads may end in between (then it shrinks), but a reading is a sum of nanoseconds
+        // no larger than the wall time the process has had, times its threads.
+        assert!(before < Duration::from_secs(3600) && after < Duration::from_secs(3600));
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! wraps the response body and records the call when the trailers pass through, when the body
 //! ends without them, or when the body is dropped unfinished (the client went away).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +18,7 @@ use prost::Message;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::Metrics;
+use super::{MethodSeries, Metrics};
 
 /// The method label of a path that no service defines: one series for all of them, so that a
 /// client sending random paths cannot create series without bound.
@@ -48,17 +48,23 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// Clones (one per connection and one per request, as hyper's service adapter makes them) copy
+/// one `Arc`.
 #[derive(Clone)]
 pub struct GrpcMetricsLayer {
-    metrics: Metrics,
-    methods: Arc<HashSet<String>>,
+    methods: Arc<MethodTable>,
+}
+
+struct MethodTable {
+    known: HashMap<String, Arc<MethodSeries>>,
+    unknown: Arc<MethodSeries>,
 }
 
 impl GrpcMetricsLayer {
     /// `descriptor_sets` are the encoded file descriptor sets of every service the server
     /// mounts; their methods are the only method labels the layer will use.
     pub fn new(metrics: Metrics, descriptor_sets: &[&[u8]]) -> Self {
-        let mut methods = HashSet::new();
+        let mut known = HashMap::new();
         for encoded in descriptor_sets {
             // The sets are compiled into the binary; one that does not decode is a build bug,
             // and its methods are then merely counted as "unknown".
@@ -75,24 +81,27 @@ impl GrpcMetricsLayer {
                         format!("{package}.{}", service.name())
                     };
                     for method in &service.method {
-                        methods.insert(format!("{service_name}/{}", method.name()));
+                        let method = format!("{service_name}/{}", method.name());
+                        let series = Arc::new(metrics.method_series(&method));
+                        known.insert(method, series);
                     }
                 }
             }
         }
         Self {
-            metrics,
-            methods: Arc::new(methods),
+            methods: Arc::new(MethodTable {
+                known,
+                unknown: Arc::new(metrics.method_series(UNKNOWN_METHOD)),
+            }),
         }
     }
 
-    fn method_label(&self, path: &str) -> String {
+    fn series(&self, path: &str) -> &Arc<MethodSeries> {
         let method = path.strip_prefix('/').unwrap_or(path);
-        if self.methods.contains(method) {
-            method.to_owned()
-        } else {
-            UNKNOWN_METHOD.to_owned()
-        }
+        self.methods
+            .known
+            .get(method)
+            .unwrap_or(&self.methods.unknown)
     }
 }
 
@@ -116,13 +125,11 @@ pub struct GrpcMetricsService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for GrpcMetricsService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
     ResBody: Body,
 {
     type Response = Response<MeteredBody<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = MeteredFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -130,25 +137,49 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let record = Record {
-            metrics: self.layer.metrics.clone(),
-            method: self.layer.method_label(request.uri().path()),
+            series: Arc::clone(self.layer.series(request.uri().path())),
             start: Instant::now(),
             header_code: None,
             done: false,
         };
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut record = record;
-            match future.await {
-                Ok(response) => {
-                    record.header_code = grpc_status(response.headers());
-                    Ok(response.map(|inner| MeteredBody { inner, record }))
-                }
-                Err(error) => {
-                    // The transport turns a service error into a broken connection.
-                    record.finish(Some(tonic::Code::Internal));
-                    Err(error)
-                }
+        MeteredFuture {
+            inner: self.inner.call(request),
+            record: Some(record),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's future, unboxed: the record moves into the response body.
+    pub struct MeteredFuture<F> {
+        #[pin]
+        inner: F,
+        record: Option<Record>,
+    }
+}
+
+impl<F, ResBody, E> Future for MeteredFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<MeteredBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        // Polled again after Ready only by a broken executor; the record was already moved.
+        let Some(mut record) = this.record.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match result {
+            Ok(response) => {
+                record.header_code = grpc_status(response.headers());
+                Ok(response.map(|inner| MeteredBody { inner, record }))
+            }
+            Err(error) => {
+                // The transport turns a service error into a broken connection.
+                record.finish(Some(tonic::Code::Internal));
+                Err(error)
             }
         })
     }
@@ -162,8 +193,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<tonic::Code> {
 
 /// One call's measurement, recorded exactly once.
 struct Record {
-    metrics: Metrics,
-    method: String,
+    series: Arc<MethodSeries>,
     start: Instant,
     /// The status of a trailers-only response.
     header_code: Option<tonic::Code>,
@@ -179,8 +209,7 @@ impl Record {
         }
         self.done = true;
         let code = code.or(self.header_code).unwrap_or(tonic::Code::Unknown);
-        self.metrics
-            .request_finished(&self.method, code, self.start.elapsed());
+        self.series.request_finished(code, self.start.elapsed());
     }
 }
 
@@ -249,18 +278,18 @@ mod tests {
             ],
         );
         assert_eq!(
-            layer.method_label("/grpc.health.v1.Health/Check"),
+            layer.series("/grpc.health.v1.Health/Check").method,
             "grpc.health.v1.Health/Check"
         );
         assert_eq!(
-            layer.method_label("/ghm.v1.Harmonizer/CreateJob"),
+            layer.series("/ghm.v1.Harmonizer/CreateJob").method,
             "ghm.v1.Harmonizer/CreateJob"
         );
         assert_eq!(
-            layer.method_label("/ghm.v1.Harmonizer/Nope"),
+            layer.series("/ghm.v1.Harmonizer/Nope").method,
             UNKNOWN_METHOD
         );
-        assert_eq!(layer.method_label("/x"), UNKNOWN_METHOD);
+        assert_eq!(layer.series("/x").method, UNKNOWN_METHOD);
     }
 
     #[test]

@@ -10,8 +10,8 @@ mod density;
 mod failover;
 mod grpc_layer;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -261,20 +261,17 @@ impl Metrics {
         }
     }
 
-    /// A finished gRPC request. `method` is already one of the known methods or "unknown", so
-    /// that a client cannot create series at will.
-    pub fn request_finished(&self, method: &str, code: tonic::Code, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                method: method.to_owned(),
-                code: code_name(code),
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&MethodLabels {
-                method: method.to_owned(),
-            })
-            .observe(elapsed.as_secs_f64());
+    /// The request series of one method, resolved once so that a request records itself
+    /// without building labels, hashing them or cloning every handle. `method` is one of the
+    /// known methods or "unknown", so that a client cannot create series at will.
+    pub fn method_series(&self, method: &str) -> MethodSeries {
+        MethodSeries {
+            method: method.to_owned(),
+            requests: self.requests.clone(),
+            request_duration: self.request_duration.clone(),
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+            duration: OnceLock::new(),
+        }
     }
 
     pub fn snapshot_written(&self, elapsed: Duration, at: SystemTime) {
@@ -313,6 +310,40 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections_open.dec();
+    }
+}
+
+/// One method's request series. A series is created on its first request, as a label lookup
+/// would, so that a scrape shows only the codes a method has answered with.
+#[derive(Debug)]
+pub struct MethodSeries {
+    method: String,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<MethodLabels, Histogram, HistogramOf>,
+    /// Indexed by the gRPC code's number (0 to 16).
+    by_code: [OnceLock<Counter>; 17],
+    duration: OnceLock<Histogram>,
+}
+
+impl MethodSeries {
+    pub fn request_finished(&self, code: tonic::Code, elapsed: Duration) {
+        let counter = self.by_code[code as usize].get_or_init(|| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    method: self.method.clone(),
+                    code: code_name(code),
+                })
+                .clone()
+        });
+        counter.inc();
+        let duration = self.duration.get_or_init(|| {
+            self.request_duration
+                .get_or_create(&MethodLabels {
+                    method: self.method.clone(),
+                })
+                .clone()
+        });
+        duration.observe(elapsed.as_secs_f64());
     }
 }
 
@@ -431,11 +462,9 @@ mod tests {
         metrics.elements_weighed(Loss::GhmC, 1000);
         metrics.step_timed_out();
         metrics.last_rank_wait(Duration::from_millis(30));
-        metrics.request_finished(
-            "ghm.v1.Harmonizer/CreateJob",
-            tonic::Code::InvalidArgument,
-            Duration::from_millis(2),
-        );
+        metrics
+            .method_series("ghm.v1.Harmonizer/CreateJob")
+            .request_finished(tonic::Code::InvalidArgument, Duration::from_millis(2));
         let text = exposition.encode(Format::OpenMetrics).expect("encodes");
         assert_eq!(sample(&text, "ghmd_jobs{loss=\"ghm_c\"}"), Some(1.0));
         assert_eq!(sample(&text, "ghmd_jobs{loss=\"ghm_r\"}"), Some(1.0));

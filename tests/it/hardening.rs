@@ -549,7 +549,7 @@ async fn header_only_streams_give_their_permits_back_after_the_idle_timeout() {
             "--max-concurrent-requests",
             &LIMIT.to_string(),
             "--stream-idle-timeout",
-            "5s",
+            "10s",
         ],
         Limits::default(),
     );
@@ -571,7 +571,7 @@ async fn header_only_streams_give_their_permits_back_after_the_idle_timeout() {
     let opened = Instant::now();
     // They hold the limit: another caller is refused while they are open (looked for until
     // shortly before they would time out)...
-    let deadline = Instant::now() + Duration::from_secs(4);
+    let deadline = Instant::now() + Duration::from_secs(8);
     let mut refused = false;
     while Instant::now() < deadline && !refused {
         refused = matches!(client.get_job("idle").await, Err(status) if status.code() == tonic::Code::ResourceExhausted);
@@ -595,7 +595,7 @@ async fn header_only_streams_give_their_permits_back_after_the_idle_timeout() {
         "{codes:?}"
     );
     client.get_job("idle").await.expect("the permits came back");
-    println!("{LIMIT} header-only calls ended {ended_after:?} after they opened (idle timeout 5s)");
+    println!("{LIMIT} header-only calls ended {ended_after:?} after they opened (idle timeout 10s)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -595,7 +595,9 @@ async fn header_only_streams_give_their_permits_back_after_the_idle_timeout() {
         "{codes:?}"
     );
     client.get_job("idle").await.expect("the permits came back");
-    println!("{LIMIT} header-only calls ended {ended_after:?} after they opened (idle timeout 10s)");
+    println!(
+        "{LIMIT} header-only calls ended {ended_after:?} after they opened (idle timeout 10s)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::step_sum::CountsSum;
 use super::sync::{
-    Deadline, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier, StepFailure,
-    WorldSizeChange,
+    Deadline, Deliveries, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier,
+    StepFailure, WorldSizeChange,
 };
 use super::{JobError, JobSpec, StepObserver, check_world_size};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
@@ -113,9 +114,9 @@ pub struct JobUpdate {
     pub allow_partial_steps: Option<bool>,
 }
 
-/// The step barrier of a job: each rank contributes its batch's counts, every rank of a step
-/// gets the step's applied outcome.
-type Barrier = StepBarrier<BatchCounts, Arc<AppliedStep>>;
+/// The step barrier of a job: each rank's batch counts are added to its step's sum, every rank
+/// of a step gets the step's applied outcome.
+type Barrier = StepBarrier<CountsSum, Arc<AppliedStep>>;
 
 /// What the steps of a job have made of it.
 struct Progress {
@@ -167,6 +168,7 @@ impl Job {
                 0,
                 Vec::new(),
                 context.kept_steps,
+                CountsSum::new(spec.ghm.bins()),
             ))
         });
         Self {
@@ -216,6 +218,7 @@ impl Job {
                 snapshot.next_step,
                 snapshot.world_size_schedule.clone(),
                 context.kept_steps,
+                CountsSum::new(snapshot.spec.ghm.bins()),
             ))
         });
         Ok(Self {
@@ -534,7 +537,7 @@ impl Job {
         rank: u32,
         counts: BatchCounts,
     ) -> Result<Joined<Arc<AppliedStep>>, JobError> {
-        let (joined, new_attempt) = {
+        let (joined, new_attempt, deliveries) = {
             let mut state = self.state.lock();
             let timeout = state.step_timeout;
             let JobState { progress, sync, .. } = &mut *state;
@@ -542,11 +545,22 @@ impl Job {
                 return Err(self.sync_error("not step-synchronous"));
             };
             let (joined, new_attempt) = sync
-                .join(step, rank, counts, self.context.max_pending_steps)
+                .join(
+                    step,
+                    rank,
+                    counts,
+                    self.context.max_pending_steps,
+                    usize::MAX,
+                )
                 .map_err(|refusal| self.join_refused(step, rank, refusal))?;
-            sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
-            (joined, new_attempt.map(|generation| (generation, timeout)))
+            let deliveries = sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            (
+                joined,
+                new_attempt.map(|generation| (generation, timeout)),
+                deliveries,
+            )
         };
+        deliver(deliveries);
         if let Some((generation, timeout)) = new_attempt {
             self.arm_deadline(step, generation, timeout);
         }
@@ -579,29 +593,35 @@ impl Job {
                     self.context.max_pending_steps,
                 ),
             },
+            JoinRefusal::TooManyBytes {
+                pending_bytes,
+                needed,
+                limit,
+            } => JobError::ResourceExhausted {
+                id: self.id().to_owned(),
+                reason: format!(
+                    "rank {rank}'s contribution to step {step} needs {needed} bytes, but the \
+                     job's pending steps hold {pending_bytes} of the {limit} it may \
+                     (--max-job-bytes, less what its bins take); pending steps must complete \
+                     first"
+                ),
+            },
         }
     }
 
-    /// The job's side of a ready step: the ranks' counts summed in rank order, folded into the
-    /// density.
+    /// The job's side of a ready step: the ranks' counts, as summed in rank order, folded
+    /// into the density.
     fn apply_ready_step(
         &self,
         progress: &mut Progress,
-        ready: ReadyStep<BatchCounts>,
+        ready: ReadyStep<CountsSum>,
     ) -> Arc<AppliedStep> {
-        let mut total = BatchCounts::empty(progress.density.acc_sum().len());
-        for counts in &ready.contributions {
-            total.add(counts);
-        }
+        let ranks = ready.kept.len();
+        let total = ready.sum.finish(&ready.kept);
         if let Some(wait) = ready.last_rank_wait {
             self.context.observer.last_rank_wait(wait);
         }
-        self.apply_locked(
-            progress,
-            &total,
-            ready.contributions.len(),
-            ready.missing_ranks,
-        )
+        self.apply_locked(progress, &total, ranks, ready.missing_ranks)
     }
 
     /// A timer task per step attempt. It holds the job weakly, so a deleted job is not kept.
@@ -616,7 +636,7 @@ impl Job {
     }
 
     fn on_deadline(self: &Arc<Self>, step: u64, generation: u64) {
-        let (deadline, timeout) = {
+        let (deadline, deliveries) = {
             let mut state = self.state.lock();
             let timeout = state.step_timeout;
             let allow_partial = state.allow_partial_steps;
@@ -624,13 +644,12 @@ impl Job {
             let Some(sync) = sync.as_mut() else {
                 return;
             };
-            let deadline = sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
+            sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
                 self.apply_ready_step(progress, ready)
-            });
-            (deadline, timeout)
+            })
         };
+        deliver(deliveries);
         match deadline {
-            Deadline::Rearm => self.arm_deadline(step, generation, timeout),
             Deadline::Handled { timed_out: true } => self.context.observer.step_timed_out(),
             Deadline::Handled { timed_out: false } | Deadline::Nothing => {}
         }
@@ -677,7 +696,9 @@ impl Job {
         // A smaller world size may have completed pending steps.
         let JobState { progress, sync, .. } = &mut *state;
         if let Some(sync) = sync.as_mut() {
-            sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            let deliveries = sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            drop(state);
+            deliver(deliveries);
         }
         Ok(())
     }
@@ -721,7 +742,9 @@ impl Job {
     pub(super) fn close(&self) {
         let mut state = self.state.lock();
         if let Some(sync) = state.sync.as_mut() {
-            sync.fail_all_pending(|| StepFailure::Deleted);
+            let deliveries = sync.fail_all_pending(StepFailure::Deleted);
+            drop(state);
+            deliver(deliveries);
         }
     }
 }
@@ -748,6 +771,25 @@ fn ranks_list(ranks: &[u32]) -> String {
 pub fn max_tot(momentum: f64) -> f64 {
     let floor = if momentum > 0.0 { 1.0 - momentum } else { 1.0 };
     f64::from(f32::MAX) * floor / f64::from(1u32 << 17)
+}
+
+/// Requests a step wakes at once before other tasks get a turn.
+const WAKE_BATCH: usize = 512;
+
+/// Hands a step's outcome to its waiting requests, after the job's lock is released. A wide
+/// step's are woken from a task of their own, in batches, so that other jobs' requests are
+/// served meanwhile; a task, not the caller, so that a request cancelled meanwhile cannot drop
+/// the others' outcomes.
+fn deliver(deliveries: Deliveries<Arc<AppliedStep>>) {
+    if deliveries.waiters() <= WAKE_BATCH {
+        return deliveries.deliver_now();
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(deliveries.deliver_in_batches(WAKE_BATCH));
+        }
+        Err(_) => deliveries.deliver_now(),
+    }
 }
 
 /// Runs kernel work on the blocking pool, so that a large batch cannot stall the runtime.

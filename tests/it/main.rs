@@ -4,6 +4,7 @@
 
 mod support;
 
+mod barrier;
 mod bench;
 mod concurrency;
 mod conformance;

@@ -13,6 +13,10 @@
 //! name = "team-a"                       # shown in logs instead of the token
 //! token = "a-long-random-secret-string" # at least 16 characters
 //! prefixes = ["team-a/"]                # job ids this token may use; "" means every job
+//! # Optional quotas; without them the server's --caller-* defaults apply.
+//! max_jobs = 500                        # jobs this token's caller may hold
+//! max_jobs_bytes = 268435456            # bytes those jobs may hold (README, Limits)
+//! max_concurrent_requests = 256         # its share of --max-concurrent-requests
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,6 +49,10 @@ pub enum Access {
 pub struct Caller {
     pub name: String,
     pub prefixes: Vec<String>,
+    /// The token's own quotas; `None`: the server's `--caller-*` defaults.
+    pub max_jobs: Option<usize>,
+    pub max_jobs_bytes: Option<usize>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 impl Access {
@@ -104,6 +112,12 @@ struct TokenEntry {
     name: String,
     token: String,
     prefixes: Vec<String>,
+    #[serde(default)]
+    max_jobs: Option<usize>,
+    #[serde(default)]
+    max_jobs_bytes: Option<usize>,
+    #[serde(default)]
+    max_concurrent_requests: Option<usize>,
 }
 
 /// A token is kept only as its SHA-256, so that every comparison is over 32 bytes whatever the
@@ -196,6 +210,9 @@ impl TokenSet {
                 caller: Arc::new(Caller {
                     name: entry.name,
                     prefixes: entry.prefixes,
+                    max_jobs: entry.max_jobs,
+                    max_jobs_bytes: entry.max_jobs_bytes,
+                    max_concurrent_requests: entry.max_concurrent_requests,
                 }),
             });
         }

@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::access::{access_of, authorize};
+use super::access::{access_of, authorize, owner_of};
 use super::convert::{
     job_to_proto, outcome_to_proto, spec_from_proto, step_input_from_proto, update_from_proto,
 };
@@ -57,10 +57,13 @@ impl Harmonizer for HarmonizerService {
         request: Request<CreateJobRequest>,
     ) -> Result<Response<Job>, Status> {
         let access = access_of(&request)?;
+        let owner = owner_of(&access, &request);
         let request = request.into_inner();
         authorize(&access, &request.job_id)?;
         let spec = spec_from_proto(request.spec, self.registry.max_step_timeout())?;
-        let (job, created) = self.registry.create(&request.job_id, spec)?;
+        let (job, created) = self
+            .registry
+            .create_for(&request.job_id, spec, Some(&owner))?;
         if created {
             tracing::info!(job_id = %request.job_id, caller = access.name(), "job created");
         }

@@ -173,6 +173,7 @@ impl StartedServer {
             .arg("--metrics-listen=127.0.0.1:0")
             .arg("--in-memory")
             .arg(format!("--max-jobs={MAX_JOBS}"))
+            .arg(format!("--caller-max-jobs={MAX_JOBS}"))
             .args(extra_args)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())

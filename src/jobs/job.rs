@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::budget::JobCharge;
 use super::step_sum::CountsSum;
 use super::sync::{
     Deadline, Deliveries, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier,
@@ -140,6 +141,8 @@ pub struct Job {
     edges: BinEdges,
     create_time: SystemTime,
     context: Arc<JobContext>,
+    /// The job's bytes, charged to the server and to its owner until the job is dropped.
+    charge: JobCharge,
     /// A `parking_lot` mutex and not a tokio one: it is never held across an await, and the
     /// critical sections are O(bins) updates, so blocking briefly beats a queue of wakers.
     state: Mutex<JobState>,
@@ -160,7 +163,12 @@ impl PreparedBatch {
 }
 
 impl Job {
-    pub(super) fn new(id: String, spec: JobSpec, context: Arc<JobContext>) -> Self {
+    pub(super) fn new(
+        id: String,
+        spec: JobSpec,
+        context: Arc<JobContext>,
+        charge: JobCharge,
+    ) -> Self {
         let now = SystemTime::now();
         let sync = spec.is_step_synchronous().then(|| {
             Box::new(Barrier::new(
@@ -188,6 +196,7 @@ impl Job {
             ghm: spec.ghm,
             create_time: now,
             context,
+            charge,
         }
     }
 
@@ -195,6 +204,7 @@ impl Job {
     pub(super) fn from_snapshot(
         snapshot: JobSnapshot,
         context: Arc<JobContext>,
+        charge: JobCharge,
     ) -> Result<Self, JobError> {
         check_acc_sum(&snapshot.id, &snapshot.acc_sum, snapshot.spec.ghm.bins())?;
         // A state file is input too: a world size past the API's limit would make every step
@@ -238,11 +248,17 @@ impl Job {
             ghm: snapshot.spec.ghm,
             create_time: snapshot.create_time,
             context,
+            charge,
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The bytes the job is charged: its fixed part and its pending steps (see `budget`).
+    pub fn memory_bytes(&self) -> usize {
+        self.charge.bytes()
     }
 
     pub fn loss(&self) -> Loss {
@@ -544,16 +560,18 @@ impl Job {
             let Some(sync) = sync.as_mut() else {
                 return Err(self.sync_error("not step-synchronous"));
             };
+            let limit = self.charge.pending_limit();
             let (joined, new_attempt) = sync
                 .join(
                     step,
                     rank,
                     counts,
                     self.context.max_pending_steps,
-                    usize::MAX,
+                    limit.bytes,
                 )
-                .map_err(|refusal| self.join_refused(step, rank, refusal))?;
+                .map_err(|refusal| self.join_refused(step, rank, refusal, &limit.decided_by))?;
             let deliveries = sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            self.charge.set_pending(sync.pending_bytes());
             (
                 joined,
                 new_attempt.map(|generation| (generation, timeout)),
@@ -567,7 +585,13 @@ impl Job {
         Ok(joined)
     }
 
-    fn join_refused(&self, step: u64, rank: u32, refusal: JoinRefusal) -> JobError {
+    fn join_refused(
+        &self,
+        step: u64,
+        rank: u32,
+        refusal: JoinRefusal,
+        bytes_decided_by: &str,
+    ) -> JobError {
         match refusal {
             JoinRefusal::Expired { next_step } => JobError::StepExpired {
                 id: self.id().to_owned(),
@@ -601,9 +625,8 @@ impl Job {
                 id: self.id().to_owned(),
                 reason: format!(
                     "rank {rank}'s contribution to step {step} needs {needed} bytes, but the \
-                     job's pending steps hold {pending_bytes} of the {limit} it may \
-                     (--max-job-bytes, less what its bins take); pending steps must complete \
-                     first"
+                     job's pending steps hold {pending_bytes} of the {limit} they may \
+                     ({bytes_decided_by}); pending steps must complete first"
                 ),
             },
         }
@@ -644,9 +667,11 @@ impl Job {
             let Some(sync) = sync.as_mut() else {
                 return;
             };
-            sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
+            let outcome = sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
                 self.apply_ready_step(progress, ready)
-            })
+            });
+            self.charge.set_pending(sync.pending_bytes());
+            outcome
         };
         deliver(deliveries);
         match deadline {
@@ -697,6 +722,7 @@ impl Job {
         let JobState { progress, sync, .. } = &mut *state;
         if let Some(sync) = sync.as_mut() {
             let deliveries = sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            self.charge.set_pending(sync.pending_bytes());
             drop(state);
             deliver(deliveries);
         }
@@ -720,7 +746,10 @@ impl Job {
         }
         let mut state = self.state.lock();
         match state.sync.as_mut() {
-            Some(sync) => sync.restart_at(next_step),
+            Some(sync) => {
+                sync.restart_at(next_step);
+                self.charge.set_pending(sync.pending_bytes());
+            }
             None if next_step != 0 => {
                 return Err(self.invalid_request(format!(
                     "state.next_step = {next_step}: only step-synchronous jobs have a next step; \
@@ -743,6 +772,7 @@ impl Job {
         let mut state = self.state.lock();
         if let Some(sync) = state.sync.as_mut() {
             let deliveries = sync.fail_all_pending(StepFailure::Deleted);
+            self.charge.set_pending(sync.pending_bytes());
             drop(state);
             deliver(deliveries);
         }

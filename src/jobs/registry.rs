@@ -9,6 +9,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::task::JoinHandle;
 
+use super::budget::{self, Budget, Owner, Quota};
 use super::job::{Job, JobContext};
 use super::{
     BatchInput, JobError, JobSnapshot, JobSpec, JobUpdate, NoObserver, StepInput, StepObserver,
@@ -37,6 +38,13 @@ pub struct RegistryLimits {
     pub max_elements_per_request: usize,
     /// The longest `step_timeout` a job may have.
     pub max_step_timeout: Duration,
+    /// The bytes one job may hold: its fixed part (bins, kept steps) and its pending steps.
+    pub max_job_bytes: usize,
+    /// The bytes every job together may hold; with the server's own baseline this is what
+    /// keeps its memory inside the deployment's limit (README, "Limits").
+    pub max_jobs_bytes: usize,
+    /// What a caller may hold unless its token says otherwise.
+    pub caller_quota: Quota,
     /// The largest response the server can send (`--max-send-message-bytes`). A response above
     /// it would fail only after its step was applied, so requests whose weights cannot fit are
     /// refused up front.
@@ -61,6 +69,7 @@ pub struct Registry {
     max_step_timeout: Duration,
     max_response_bytes: usize,
     context: Arc<JobContext>,
+    budget: Arc<Budget>,
 }
 
 /// One page of ListJobs.
@@ -84,6 +93,11 @@ impl Registry {
             max_elements_per_request: limits.max_elements_per_request,
             max_step_timeout: limits.max_step_timeout,
             max_response_bytes: limits.max_response_bytes,
+            budget: Arc::new(Budget::new(
+                limits.max_job_bytes,
+                limits.max_jobs_bytes,
+                limits.caller_quota,
+            )),
             context: Arc::new(JobContext {
                 observer,
                 kept_steps: limits.kept_steps,
@@ -106,6 +120,11 @@ impl Registry {
         self.len() == 0
     }
 
+    /// The bytes every job is charged (see `budget`): what `--max-jobs-bytes` bounds.
+    pub fn jobs_bytes(&self) -> usize {
+        self.budget.total_bytes()
+    }
+
     /// Takes one of the `max_jobs` places, or says which limit is reached.
     fn reserve_place(&self, id: &str) -> Result<(), JobError> {
         self.count
@@ -123,9 +142,21 @@ impl Registry {
             })
     }
 
-    /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
-    /// a distributed job may call this at start-up. The bool says whether it was created.
+    /// Creates a job with no owner (an embedding program, a test): only the server-wide
+    /// limits apply.
     pub fn create(&self, id: &str, spec: JobSpec) -> Result<(JobSnapshot, bool), JobError> {
+        self.create_for(id, spec, None)
+    }
+
+    /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
+    /// a distributed job may call this at start-up. The bool says whether it was created. A new
+    /// job counts against its owner's quotas.
+    pub fn create_for(
+        &self,
+        id: &str,
+        spec: JobSpec,
+        owner: Option<&Owner>,
+    ) -> Result<(JobSnapshot, bool), JobError> {
         spec.check("spec.", Some(self.max_step_timeout))
             .map_err(JobError::InvalidSpec)?;
         validate_job_id(id)?;
@@ -140,8 +171,20 @@ impl Registry {
                 return Ok((job.snapshot(), false));
             }
             Entry::Vacant(slot) => {
+                let bytes = budget::fixed_bytes(id, &spec, self.context.kept_steps);
+                let charge = self.budget.open(owner, bytes, true).map_err(|refusal| {
+                    JobError::ResourceExhausted {
+                        id: id.to_owned(),
+                        reason: refusal.0,
+                    }
+                })?;
                 self.reserve_place(id)?;
-                let job = Arc::new(Job::new(id.to_owned(), spec, Arc::clone(&self.context)));
+                let job = Arc::new(Job::new(
+                    id.to_owned(),
+                    spec,
+                    Arc::clone(&self.context),
+                    charge,
+                ));
                 slot.insert(Arc::clone(&job));
                 job
             }
@@ -154,7 +197,17 @@ impl Registry {
     /// any job of the same id.
     pub fn insert_snapshot(&self, snapshot: JobSnapshot) -> Result<(), JobError> {
         validate_job_id(&snapshot.id)?;
-        let job = Arc::new(Job::from_snapshot(snapshot, Arc::clone(&self.context))?);
+        let bytes = budget::fixed_bytes(&snapshot.id, &snapshot.spec, self.context.kept_steps);
+        // Never refused: jobs from the data dir are all kept, as with --max-jobs.
+        let charge = self
+            .budget
+            .open(None, bytes, false)
+            .map_err(|refusal| JobError::Internal(refusal.0))?;
+        let job = Arc::new(Job::from_snapshot(
+            snapshot,
+            Arc::clone(&self.context),
+            charge,
+        )?);
         let loss = job.loss();
         match self.jobs.insert(job.id().to_owned(), job) {
             Some(replaced) => {

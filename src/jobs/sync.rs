@@ -322,6 +322,11 @@ impl<S: StepSum, O: Clone> StepBarrier<S, O> {
         !self.pending.is_empty()
     }
 
+    /// The bytes the pending steps hold (sums, presence sets, ranks' slots and what they keep).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
     pub fn next_step(&self) -> u64 {
         self.next_step
     }
@@ -692,7 +697,7 @@ mod tests {
         assert_eq!(second.try_recv().unwrap(), Ok((12, vec![])));
         assert_eq!(barrier.next_step(), 1);
         assert!(!barrier.has_pending());
-        assert_eq!(barrier.pending_bytes, 0, "an applied step holds nothing");
+        assert_eq!(barrier.pending_bytes(), 0, "an applied step holds nothing");
 
         // A retry of the applied step gets the kept outcome, at once.
         match join(&mut barrier, 0, 1, 99).unwrap() {
@@ -769,7 +774,7 @@ mod tests {
                 next_step: 0
             }
         );
-        let held = barrier.pending_bytes;
+        let held = barrier.pending_bytes();
         assert!(held > 0);
         match barrier.join(5, 1, 1, 8, held + 10) {
             Err(JoinRefusal::TooManyBytes {
@@ -782,7 +787,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(barrier.pending_bytes, held, "a refusal changes nothing");
+        assert_eq!(barrier.pending_bytes(), held, "a refusal changes nothing");
         // One kept outcome: step 0 expires once step 1 is applied.
         let mut barrier = barrier_of_one();
         for step in 0..2 {
@@ -803,11 +808,12 @@ mod tests {
     fn a_resend_supersedes_the_earlier_request_and_its_contribution() {
         let mut barrier = barrier(2, 4);
         let mut first = waiting(join(&mut barrier, 0, 0, 1).unwrap().0);
-        let held = barrier.pending_bytes;
+        let held = barrier.pending_bytes();
         let mut second = waiting(join(&mut barrier, 0, 0, 3).unwrap().0);
         assert_eq!(first.try_recv().unwrap(), Err(StepFailure::Superseded));
         assert_eq!(
-            barrier.pending_bytes, held,
+            barrier.pending_bytes(),
+            held,
             "the replaced rank is no longer held"
         );
         join(&mut barrier, 0, 1, 10).unwrap();
@@ -834,7 +840,7 @@ mod tests {
             })
         );
         assert_eq!(barrier.next_step(), 0, "nothing was applied");
-        assert_eq!(barrier.pending_bytes, 0);
+        assert_eq!(barrier.pending_bytes(), 0);
 
         let (joined, attempt) = join(&mut barrier, 0, 1, 4).unwrap();
         let mut receiver = waiting(joined);

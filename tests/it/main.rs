@@ -19,6 +19,7 @@ mod metrics;
 mod persistence;
 mod process;
 mod properties;
+mod quotas;
 mod security;
 mod soak;
 mod steps;

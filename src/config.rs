@@ -119,6 +119,11 @@ pub struct ServeConfig {
     #[arg(long, env = "GHMD_MAX_CONCURRENT_REQUESTS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// RPCs one caller (a token, or a peer address on an open server) may have in flight, unless
+    /// its token sets max_concurrent_requests: its share of --max-concurrent-requests.
+    #[arg(long, env = "GHMD_CALLER_MAX_CONCURRENT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub caller_max_concurrent_requests: u32,
+
     /// HTTP/2 streams one connection may have open at once.
     #[arg(long, env = "GHMD_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,

@@ -21,6 +21,7 @@ mod metrics;
 pub mod persist;
 mod probes;
 pub mod server;
+mod share;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

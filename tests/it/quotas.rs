@@ -2,12 +2,15 @@
 //! peer address's on an open server), the bytes one job and every job may hold, and a flood of
 //! large jobs against the real binary staying under the bound the README states.
 
+use std::time::Duration;
+
 use ghmd::client::{Client, Credentials};
-use ghmd::proto::JobSpec;
+use ghmd::proto::{HarmonizeRequest, JobSpec};
 use tonic::Code;
 
 use crate::support::binary::Launch;
-use crate::support::{TempDir, TestServer, assert_status, ghm_c};
+use crate::support::request::histogram;
+use crate::support::{TempDir, TestServer, assert_status, ghm_c, step_synchronous};
 
 const TEAM_A: &str = "team-a-quota-secret-0123456789";
 const TEAM_B: &str = "team-b-quota-secret-0123456789";
@@ -69,6 +72,73 @@ async fn a_token_that_filled_its_job_quota_leaves_other_tokens_served() {
         .create_job("team-a/3", ghm_c(10, 0.75))
         .await
         .expect("a place was freed");
+    server.stop().await;
+}
+
+fn rank_zero(job_id: &str, step: u64) -> HarmonizeRequest {
+    HarmonizeRequest {
+        job_id: job_id.to_owned(),
+        step,
+        input: histogram(vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 1.0),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_at_its_share_of_concurrent_requests_leaves_other_tokens_served() {
+    let dir = TempDir::new("quota-share");
+    let tokens = dir.write(
+        "tokens.toml",
+        &format!(
+            "[[token]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nprefixes = [\"team-a/\"]\n\
+             max_concurrent_requests = 2\n\n\
+             [[token]]\nname = \"team-b\"\ntoken = \"{TEAM_B}\"\nprefixes = [\"team-b/\"]\n"
+        ),
+    );
+    let server = TestServer::start_with(|config| config.tokens_file = Some(tokens)).await;
+    let mut team_a = client_with(&server, TEAM_A).await;
+    let mut team_b = client_with(&server, TEAM_B).await;
+    let spec = step_synchronous(ghm_c(10, 0.75), 2, Duration::from_secs(60));
+    team_a
+        .create_job("team-a/wait", spec)
+        .await
+        .expect("create");
+    team_b
+        .create_job("team-b/free", ghm_c(10, 0.75))
+        .await
+        .expect("create");
+    // Two requests of team-a wait for a rank 1 that never comes: its whole share.
+    let mut waiting = Vec::new();
+    for step in 0..2 {
+        let mut client = client_with(&server, TEAM_A).await;
+        waiting.push(tokio::spawn(async move {
+            client.harmonize(rank_zero("team-a/wait", step)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_status(
+        team_a.get_job("team-a/wait").await,
+        Code::ResourceExhausted,
+        &["caller \"token team-a\"", "2 requests in flight"],
+        "team-a past its share",
+    );
+    for step in 0..20 {
+        team_b
+            .harmonize(rank_zero("team-b/free", step))
+            .await
+            .expect("team-b is served meanwhile");
+    }
+    assert!(waiting.iter().all(|task| !task.is_finished()));
+    // Once team-a's requests end, its share is free again.
+    for task in &waiting {
+        task.abort();
+    }
+    drop(waiting);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    team_a
+        .get_job("team-a/wait")
+        .await
+        .expect("the share came back when the requests ended");
     server.stop().await;
 }
 

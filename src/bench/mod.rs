@@ -224,7 +224,9 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         // A server of its own that admits every rank of the widest step at once.
         let most = args.wide_world_sizes.iter().max().copied().unwrap_or(0);
         let mut server_args = args.server_args.clone();
+        // The bench is one caller (one peer address): its share must admit every rank too.
         server_args.push(format!("--max-concurrent-requests={}", most + 1024));
+        server_args.push(format!("--caller-max-concurrent-requests={}", most + 1024));
         let wide = Target::start(
             credentials.clone(),
             args.server_binary.as_deref(),

@@ -4,9 +4,9 @@
 //! another job's requests meanwhile against the same job's latency with no step running: a step
 //! must cost O(1) per rank (its time grows linearly with W) and leave other jobs served.
 //!
-//! The server must admit W requests at once: the server the bench starts gets
-//! `--max-concurrent-requests` above the largest W; a `--target` must have it set as well, or
-//! the refused ranks are counted in the report.
+//! The server must admit W requests at once, all from one caller: the server the bench starts
+//! gets `--max-concurrent-requests` and `--caller-max-concurrent-requests` above the largest W;
+//! a `--target` must have them set as well, or the refused ranks are counted in the report.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,12 +17,10 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use super::stats::Latency;
-use super::target::Target;
+use super::target::{Target, harmonizer_with};
 use super::{BenchError, JobNames, create_job, rpc};
-use ghmd::client::Transport;
 use ghmd::proto::harmonize_request::Input;
-use ghmd::proto::harmonizer_client::HarmonizerClient;
-use ghmd::proto::{CreateJobRequest, HarmonizeRequest, Histogram, JobSpec, Loss};
+use ghmd::proto::{CreateJobRequest, DeleteJobRequest, HarmonizeRequest, Histogram, JobSpec, Loss};
 
 pub const WORLD_SIZES: [u32; 4] = [2048, 8192, 32768, 65536];
 /// Ranks per HTTP/2 connection: the server's default `--max-streams-per-connection`.
@@ -59,32 +57,59 @@ pub struct WidePoint {
 }
 
 /// The other job: an asynchronous one, asked one request after another until `stop` or
-/// `at_most`; only its answered requests are timed.
-async fn probe(
-    mut client: HarmonizerClient<Transport>,
+/// `at_most`; only its answered requests are timed. On a thread and runtime of its own, so
+/// that what it measures is the server's delay, not the bench's own runtime busy with the W
+/// ranks' tasks.
+fn probe(
+    target: &Target,
     job_id: String,
     stop: Arc<AtomicBool>,
     at_most: Duration,
-) -> Latency {
-    let histogram = histogram();
-    let mut latencies = Vec::new();
-    let start = Instant::now();
-    let mut step = 0u64;
-    while !stop.load(Ordering::SeqCst) && start.elapsed() < at_most {
-        let request = HarmonizeRequest {
-            job_id: job_id.clone(),
-            step,
-            input: Some(Input::Histogram(histogram.clone())),
-            ..Default::default()
-        };
-        let sent = Instant::now();
-        if client.harmonize(request).await.is_ok() {
-            latencies.push(sent.elapsed());
-        }
-        step += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Latency::of(&mut latencies)
+) -> std::thread::JoinHandle<Result<Latency, BenchError>> {
+    let (uri, credentials) = target.detached();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::Task(format!("probe runtime: {e}")))?;
+        runtime.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+                .map_err(|e| BenchError::Target(format!("{uri}: {e}")))?
+                .connect()
+                .await
+                .map_err(|e| BenchError::Connect(format!("{uri}: {e}")))?;
+            let mut client = harmonizer_with(channel, credentials);
+            let histogram = histogram();
+            let mut latencies = Vec::new();
+            let start = Instant::now();
+            let mut step = 0u64;
+            while !stop.load(Ordering::SeqCst) && start.elapsed() < at_most {
+                let request = HarmonizeRequest {
+                    job_id: job_id.clone(),
+                    step,
+                    input: Some(Input::Histogram(histogram.clone())),
+                    ..Default::default()
+                };
+                let sent = Instant::now();
+                if client.harmonize(request).await.is_ok() {
+                    latencies.push(sent.elapsed());
+                }
+                step += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok(Latency::of(&mut latencies))
+        })
+    })
+}
+
+/// The probe's figures once its thread ends.
+async fn probe_result(
+    handle: std::thread::JoinHandle<Result<Latency, BenchError>>,
+) -> Result<Latency, BenchError> {
+    tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .map_err(|e| BenchError::Task(e.to_string()))?
+        .map_err(|_| BenchError::Task("the probe thread panicked".to_owned()))?
 }
 
 fn histogram() -> Histogram {
@@ -103,13 +128,13 @@ pub async fn run(
     let probe_job = names.job("wide-probe");
     let mut client = target.harmonizer(target.connect().await?);
     create_job(&mut client, &probe_job, Loss::GhmC, BINS, 1).await?;
-    let baseline_probe = probe(
-        target.harmonizer(target.connect().await?),
+    let baseline_probe = probe_result(probe(
+        target,
         probe_job.clone(),
         Arc::new(AtomicBool::new(false)),
         BASELINE,
-    )
-    .await;
+    ))
+    .await?;
     let mut points = Vec::new();
     for &world_size in world_sizes {
         points.push(one_step(target, names, &probe_job, world_size, &baseline_probe).await?);
@@ -150,12 +175,12 @@ async fn one_step(
     rpc("CreateJob", clients[0].create_job(request).await)?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let probing = tokio::spawn(probe(
-        target.harmonizer(target.connect().await?),
+    let probing = probe(
+        target,
         probe_job.to_owned(),
         Arc::clone(&stop),
         STEP_TIMEOUT,
-    ));
+    );
 
     let histogram = histogram();
     let start = Instant::now();
@@ -177,12 +202,21 @@ async fn one_step(
         match sent.map_err(|e| BenchError::Task(e.to_string()))? {
             Ok(response) if response.get_ref().missing_ranks.is_empty() => answered_ok += 1,
             Ok(_) => *failures.entry("OK, ranks missing".to_owned()).or_insert(0) += 1,
-            Err(status) => *failures.entry(format!("{:?}", status.code())).or_insert(0) += 1,
+            Err(status) => {
+                // A refused rank never comes: end the step at once rather than at its timeout.
+                if failures.is_empty() {
+                    let request = DeleteJobRequest {
+                        job_id: job_id.clone(),
+                    };
+                    let _ = clients[0].delete_job(request).await;
+                }
+                *failures.entry(format!("{:?}", status.code())).or_insert(0) += 1;
+            }
         }
     }
     let step_time = start.elapsed();
     stop.store(true, Ordering::SeqCst);
-    let probe = probing.await.map_err(|e| BenchError::Task(e.to_string()))?;
+    let probe = probe_result(probing).await?;
     Ok(WidePoint {
         world_size,
         connections,

@@ -99,7 +99,9 @@ async fn without_a_target_it_starts_a_server_and_reads_its_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_of_the_largest_world_completes_while_another_job_is_served() {
     let server = TestServer::start_with(|config| {
+        // Every rank comes from this one peer: its share must admit them all as well.
         config.max_concurrent_requests = MAX_WORLD_SIZE + 1024;
+        config.caller_max_concurrent_requests = MAX_WORLD_SIZE + 1024;
     })
     .await;
     let uri = server.uri();

@@ -21,6 +21,20 @@ async fn client_with(server: &TestServer, token: &str) -> Client {
     Client::with_credentials(server.channel().await, credentials)
 }
 
+/// A server with the tokens of team-a, whose entry ends with `team_a_quota`, and team-b, which
+/// has the server's default quotas.
+async fn with_tokens(dir: &TempDir, team_a_quota: &str) -> TestServer {
+    let tokens = dir.write(
+        "tokens.toml",
+        &format!(
+            "[[token]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nprefixes = [\"team-a/\"]\n\
+             {team_a_quota}\n\n\
+             [[token]]\nname = \"team-b\"\ntoken = \"{TEAM_B}\"\nprefixes = [\"team-b/\"]\n"
+        ),
+    );
+    TestServer::start_with(|config| config.tokens_file = Some(tokens)).await
+}
+
 fn large_job() -> JobSpec {
     ghm_c(4096, 0.75)
 }
@@ -28,15 +42,7 @@ fn large_job() -> JobSpec {
 #[tokio::test]
 async fn a_token_that_filled_its_job_quota_leaves_other_tokens_served() {
     let dir = TempDir::new("quota-jobs");
-    let tokens = dir.write(
-        "tokens.toml",
-        &format!(
-            "[[token]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nprefixes = [\"team-a/\"]\n\
-             max_jobs = 3\n\n\
-             [[token]]\nname = \"team-b\"\ntoken = \"{TEAM_B}\"\nprefixes = [\"team-b/\"]\n"
-        ),
-    );
-    let server = TestServer::start_with(|config| config.tokens_file = Some(tokens)).await;
+    let server = with_tokens(&dir, "max_jobs = 3").await;
     let mut team_a = client_with(&server, TEAM_A).await;
     let mut team_b = client_with(&server, TEAM_B).await;
     for n in 0..3 {
@@ -87,15 +93,7 @@ fn rank_zero(job_id: &str, step: u64) -> HarmonizeRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_at_its_share_of_concurrent_requests_leaves_other_tokens_served() {
     let dir = TempDir::new("quota-share");
-    let tokens = dir.write(
-        "tokens.toml",
-        &format!(
-            "[[token]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nprefixes = [\"team-a/\"]\n\
-             max_concurrent_requests = 2\n\n\
-             [[token]]\nname = \"team-b\"\ntoken = \"{TEAM_B}\"\nprefixes = [\"team-b/\"]\n"
-        ),
-    );
-    let server = TestServer::start_with(|config| config.tokens_file = Some(tokens)).await;
+    let server = with_tokens(&dir, "max_concurrent_requests = 2").await;
     let mut team_a = client_with(&server, TEAM_A).await;
     let mut team_b = client_with(&server, TEAM_B).await;
     let spec = step_synchronous(ghm_c(10, 0.75), 2, Duration::from_secs(60));

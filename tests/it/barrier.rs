@@ -129,3 +129,79 @@ async fn a_complete_step_behind_a_retried_head_ends_at_its_own_timeout() {
     );
     server.stop().await;
 }
+
+/// The issue's wide step: 45,000 ranks of a 65,536-rank job of 4,096 bins each send a
+/// one-element histogram while the step waits for the rest (the issue measured ~36 KiB per
+/// rank: a copy of its bins). What a waiting rank costs the real binary now is mostly its
+/// in-flight request (its HTTP/2 stream, tonic's buffers, its task: measured at about 10 KiB),
+/// which a rank that vanishes gives back; the step itself keeps 160 bytes and the packed bins
+/// (a few bytes: `jobs::step_sum`'s and `jobs::sync`'s unit tests). The ranks wait rather than
+/// cancel: 45,000 cancellations are a rapid-reset flood the server answers with GOAWAY, and
+/// glibc keeps freed memory (`src/allocator.rs`), so RSS would not show what they gave back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_waiting_on_a_wide_step_hold_no_copy_of_their_bins() {
+    const RANKS: u32 = 45_000;
+    const PER_CONNECTION: u32 = 250;
+    let server = crate::support::binary::Launch::in_memory()
+        .args(&[
+            "--max-concurrent-requests=70000",
+            "--caller-max-concurrent-requests=70000",
+        ])
+        .start();
+    let mut client = Client::connect(server.uri()).await.expect("connect");
+    let spec = step_synchronous(ghm_c(4096, 0.75), 65_536, Duration::from_secs(600));
+    client.create_job("wide", spec).await.expect("create");
+    let mut counts = vec![0u64; 4096];
+    counts[4000] = 1;
+    let (before_kib, _) = server.rss_kib();
+
+    let mut channels = Vec::new();
+    for _ in 0..RANKS.div_ceil(PER_CONNECTION) {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(server.uri())
+                .expect("uri")
+                .connect()
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut ranks = tokio::task::JoinSet::new();
+    for rank in 0..RANKS {
+        let mut client = Client::from_channel(channels[(rank / PER_CONNECTION) as usize].clone());
+        let request = HarmonizeRequest {
+            input: histogram(counts.clone(), 1.0),
+            ..rank_request("wide", 0, rank)
+        };
+        ranks.spawn(async move { client.harmonize(request).await });
+    }
+    // Until the server's memory stops growing: every rank has arrived (the deletion below
+    // proves it: a rank that had not would get NOT_FOUND, not ABORTED).
+    let started = Instant::now();
+    let mut last_kib = server.rss_kib().0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now_kib = server.rss_kib().0;
+        if now_kib < last_kib + 256 || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        last_kib = now_kib;
+    }
+    let (after_kib, peak_kib) = server.rss_kib();
+    let per_rank = (after_kib.saturating_sub(before_kib) * 1024) / u64::from(RANKS);
+    println!(
+        "waiting ranks: RSS {before_kib} KiB -> {after_kib} KiB (peak {peak_kib} KiB), \
+         {per_rank} bytes per rank"
+    );
+    assert!(
+        per_rank < 16 * 1024,
+        "{per_rank} bytes per waiting rank of a 4,096-bin job"
+    );
+    client.delete_job("wide").await.expect("delete");
+    while let Some(rank) = ranks.join_next().await {
+        assert_eq!(
+            rank.expect("task").expect_err("deleted").code(),
+            Code::Aborted
+        );
+    }
+    server.sigterm().await;
+}

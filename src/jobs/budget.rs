@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use super::JobSpec;
-
 /// What one caller may hold: jobs, and the bytes of its jobs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quota {
@@ -44,12 +42,11 @@ const BYTES_PER_BIN: usize = 32;
 /// partial step (4 bytes per rank of the world).
 const KEPT_STEP_OVERHEAD: usize = 128;
 
-/// The fixed bytes of a job of this id and spec.
-pub(super) fn fixed_bytes(id: &str, spec: &JobSpec, kept_steps: usize) -> usize {
-    let bins = spec.ghm.bins();
+/// The fixed bytes of a job of this id, bins and world size (0 and 1: asynchronous).
+pub(super) fn fixed_bytes(id: &str, bins: usize, world_size: u32, kept_steps: usize) -> usize {
     let mut bytes = JOB_OVERHEAD + 2 * id.len() + BYTES_PER_BIN * bins;
-    if spec.is_step_synchronous() {
-        let kept = KEPT_STEP_OVERHEAD + 8 * bins + 4 * spec.world_size as usize;
+    if world_size > 1 {
+        let kept = KEPT_STEP_OVERHEAD + 8 * bins + 4 * world_size as usize;
         bytes += kept_steps.saturating_mul(kept);
     }
     bytes
@@ -116,13 +113,6 @@ impl Budget {
         bytes: usize,
         enforce: bool,
     ) -> Result<JobCharge, Refusal> {
-        if enforce && bytes > self.max_job_bytes {
-            return Err(Refusal(format!(
-                "the job needs {bytes} bytes (its bins, world size and kept steps), above the \
-                 {} one job may hold (--max-job-bytes)",
-                self.max_job_bytes
-            )));
-        }
         let account = owner.map(|owner| self.account(owner));
         if let Some(account) = &account {
             let (jobs, max_jobs) = (account.jobs(), account.max_jobs());
@@ -133,22 +123,9 @@ impl Budget {
                     account.name
                 )));
             }
-            let (used, max_bytes) = (account.bytes(), account.max_jobs_bytes());
-            if used.saturating_add(bytes) > max_bytes {
-                return Err(Refusal(format!(
-                    "caller {:?}'s jobs hold {used} bytes; this one needs {bytes} more, past \
-                     its quota (max_jobs_bytes {max_bytes})",
-                    account.name
-                )));
-            }
         }
-        let total = self.total_bytes();
-        if enforce && total.saturating_add(bytes) > self.max_jobs_bytes {
-            return Err(Refusal(format!(
-                "the server's jobs hold {total} bytes; this one needs {bytes} more, past the \
-                 limit (--max-jobs-bytes {})",
-                self.max_jobs_bytes
-            )));
+        if enforce {
+            self.check_growth(account.as_deref(), bytes, bytes)?;
         }
         self.total_bytes.fetch_add(bytes, Ordering::SeqCst);
         if let Some(account) = &account {
@@ -158,9 +135,45 @@ impl Budget {
         Ok(JobCharge {
             budget: Arc::clone(self),
             account,
-            fixed: bytes,
+            fixed: AtomicUsize::new(bytes),
             pending: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether a job may grow by `extra` bytes to `job_bytes` (its fixed part): the job's own
+    /// limit, its owner's quota, the server's.
+    fn check_growth(
+        &self,
+        account: Option<&CallerAccount>,
+        job_bytes: usize,
+        extra: usize,
+    ) -> Result<(), Refusal> {
+        if job_bytes > self.max_job_bytes {
+            return Err(Refusal(format!(
+                "the job needs {job_bytes} bytes (its bins, world size and kept steps), above \
+                 the {} one job may hold (--max-job-bytes)",
+                self.max_job_bytes
+            )));
+        }
+        if let Some(account) = account {
+            let (used, max_bytes) = (account.bytes(), account.max_jobs_bytes());
+            if used.saturating_add(extra) > max_bytes {
+                return Err(Refusal(format!(
+                    "caller {:?}'s jobs hold {used} bytes; this one needs {extra} more, past \
+                     its quota (max_jobs_bytes {max_bytes})",
+                    account.name
+                )));
+            }
+        }
+        let total = self.total_bytes();
+        if total.saturating_add(extra) > self.max_jobs_bytes {
+            return Err(Refusal(format!(
+                "the server's jobs hold {total} bytes; this one needs {extra} more, past the \
+                 limit (--max-jobs-bytes {})",
+                self.max_jobs_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// The caller's account, with the quota its latest request carries.
@@ -192,7 +205,8 @@ impl Budget {
 pub(super) struct JobCharge {
     budget: Arc<Budget>,
     account: Option<Arc<CallerAccount>>,
-    fixed: usize,
+    /// Its spec's part: it changes when UpdateJob grows the world.
+    fixed: AtomicUsize,
     pending: AtomicUsize,
 }
 
@@ -209,7 +223,7 @@ impl JobCharge {
         let budget = &self.budget;
         let pending = self.pending.load(Ordering::SeqCst);
         let mut limit = PendingLimit {
-            bytes: budget.max_job_bytes.saturating_sub(self.fixed),
+            bytes: budget.max_job_bytes.saturating_sub(self.fixed()),
             decided_by: format!("--max-job-bytes {}", budget.max_job_bytes),
         };
         let server_left = budget
@@ -262,14 +276,31 @@ impl JobCharge {
     }
 
     pub(super) fn bytes(&self) -> usize {
-        self.fixed + self.pending.load(Ordering::SeqCst)
+        self.fixed() + self.pending.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn fixed(&self) -> usize {
+        self.fixed.load(Ordering::SeqCst)
+    }
+
+    /// Makes the job's fixed part `bytes` (UpdateJob changed its world size), or says which
+    /// limit a growth would pass; nothing changes then.
+    pub(super) fn set_fixed(&self, bytes: usize) -> Result<(), Refusal> {
+        let before = self.fixed();
+        if bytes > before {
+            self.budget
+                .check_growth(self.account.as_deref(), bytes, bytes - before)?;
+        }
+        self.fixed.store(bytes, Ordering::SeqCst);
+        self.adjust(before, bytes);
+        Ok(())
     }
 }
 
 impl Drop for JobCharge {
     fn drop(&mut self) {
-        let pending = *self.pending.get_mut();
-        self.adjust(self.fixed + pending, 0);
+        let held = *self.fixed.get_mut() + *self.pending.get_mut();
+        self.adjust(held, 0);
         if let Some(account) = &self.account {
             account.jobs.fetch_sub(1, Ordering::SeqCst);
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::budget::JobCharge;
+use super::budget::{self, JobCharge};
 use super::step_sum::CountsSum;
 use super::sync::{
     Deadline, Deliveries, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier,
@@ -697,7 +697,26 @@ impl Job {
                             .to_owned(),
                 });
             };
+            // The kept outcomes of a larger world may list more missing ranks: charged first,
+            // and given back if the change is refused.
+            let before = self.charge.fixed();
+            let world_size = change.world_size.max(sync.latest_world_size());
+            let grown = budget::fixed_bytes(
+                self.id(),
+                self.ghm.bins(),
+                world_size,
+                self.context.kept_steps,
+            );
+            self.charge
+                .set_fixed(grown)
+                .map_err(|refusal| JobError::ResourceExhausted {
+                    id: self.id().to_owned(),
+                    reason: format!("world_size = {}: {}", change.world_size, refusal.0),
+                })?;
             sync.change_world_size(change)
+                .inspect_err(|_| {
+                    let _ = self.charge.set_fixed(before);
+                })
                 .map_err(|refusal| JobError::FailedPrecondition {
                     id: self.id().to_owned(),
                     reason: match refusal {

@@ -171,7 +171,12 @@ impl Registry {
                 return Ok((job.snapshot(), false));
             }
             Entry::Vacant(slot) => {
-                let bytes = budget::fixed_bytes(id, &spec, self.context.kept_steps);
+                let bytes = budget::fixed_bytes(
+                    id,
+                    spec.ghm.bins(),
+                    spec.world_size,
+                    self.context.kept_steps,
+                );
                 let charge = self.budget.open(owner, bytes, true).map_err(|refusal| {
                     JobError::ResourceExhausted {
                         id: id.to_owned(),
@@ -197,7 +202,12 @@ impl Registry {
     /// any job of the same id.
     pub fn insert_snapshot(&self, snapshot: JobSnapshot) -> Result<(), JobError> {
         validate_job_id(&snapshot.id)?;
-        let bytes = budget::fixed_bytes(&snapshot.id, &snapshot.spec, self.context.kept_steps);
+        let bytes = budget::fixed_bytes(
+            &snapshot.id,
+            snapshot.spec.ghm.bins(),
+            snapshot.spec.world_size,
+            self.context.kept_steps,
+        );
         // Never refused: jobs from the data dir are all kept, as with --max-jobs.
         let charge = self
             .budget

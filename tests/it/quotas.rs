@@ -176,6 +176,29 @@ async fn the_memory_bounds_refuse_a_job_past_them_saying_which() {
         ],
         "a 4096-bin job past --max-job-bytes",
     );
+    // Growing a job's world grows what its kept steps may list: charged, or refused.
+    client
+        .create_job(
+            "elastic",
+            crate::support::spec::with_world(ghm_c(10, 0.75), 2),
+        )
+        .await
+        .expect("a small step-synchronous job");
+    let grow = ghmd::proto::UpdateJobRequest {
+        job_id: "elastic".to_owned(),
+        world_size: 65_536,
+        ..Default::default()
+    };
+    assert_status(
+        client.raw().update_job(grow).await,
+        Code::ResourceExhausted,
+        &["world_size = 65536", "one job may hold (--max-job-bytes)"],
+        "a world too large for --max-job-bytes",
+    );
+    let job = client.get_job("elastic").await.expect("get");
+    assert_eq!(job.spec.expect("spec").world_size, 2, "nothing changed");
+    client.delete_job("elastic").await.expect("delete");
+
     let mut created = 0;
     let refusal = loop {
         match client

@@ -13,6 +13,10 @@
 //! name = "team-a"                       # shown in logs instead of the token
 //! token = "a-long-random-secret-string" # at least 16 characters
 //! prefixes = ["team-a/"]                # job ids this token may use; "" means every job
+//! # Optional quotas; without them the server's --caller-* defaults apply.
+//! max_jobs = 500                        # jobs this token's caller may hold
+//! max_jobs_bytes = 268435456            # bytes those jobs may hold (README, Limits)
+//! max_concurrent_requests = 256         # its share of --max-concurrent-requests
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -49,6 +53,10 @@ pub struct Caller {
     /// Set when a reload removes or changes this caller's token, so that the streams it opened
     /// see it at their next message (one atomic load) instead of keeping the old rights.
     revoked: AtomicBool,
+    /// The token's own quotas; `None`: the server's `--caller-*` defaults.
+    pub max_jobs: Option<usize>,
+    pub max_jobs_bytes: Option<usize>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 impl PartialEq for Caller {
@@ -131,6 +139,12 @@ struct TokenEntry {
     name: String,
     token: String,
     prefixes: Vec<String>,
+    #[serde(default)]
+    max_jobs: Option<usize>,
+    #[serde(default)]
+    max_jobs_bytes: Option<usize>,
+    #[serde(default)]
+    max_concurrent_requests: Option<usize>,
 }
 
 /// A token is kept only as its SHA-256, so that every comparison is over 32 bytes whatever the
@@ -224,6 +238,9 @@ impl TokenSet {
                     name: entry.name,
                     prefixes: entry.prefixes,
                     revoked: AtomicBool::new(false),
+                    max_jobs: entry.max_jobs,
+                    max_jobs_bytes: entry.max_jobs_bytes,
+                    max_concurrent_requests: entry.max_concurrent_requests,
                 }),
             });
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
-use crate::jobs::RegistryLimits;
+use crate::jobs::{Quota, RegistryLimits};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -60,6 +60,26 @@ pub struct ServeConfig {
     #[arg(long, env = "GHMD_MAX_JOBS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_jobs: u64,
 
+    /// Bytes one job may hold: its fixed part (bins, kept steps, world size) and its pending
+    /// steps. CreateJob past it, or a step contribution that would pass it, is
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GHMD_MAX_JOB_BYTES", default_value_t = 256 * MIB as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_job_bytes: u64,
+
+    /// Bytes every job together may hold (the same estimate). With the server's own baseline
+    /// this keeps its memory inside the deployment's limit; see the README's Limits.
+    #[arg(long, env = "GHMD_MAX_JOBS_BYTES", default_value_t = 1024 * MIB as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_jobs_bytes: u64,
+
+    /// Jobs one caller (a token, or a peer address on an open server) may hold, unless its
+    /// token sets max_jobs.
+    #[arg(long, env = "GHMD_CALLER_MAX_JOBS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub caller_max_jobs: u64,
+
+    /// Bytes one caller's jobs may hold, unless its token sets max_jobs_bytes.
+    #[arg(long, env = "GHMD_CALLER_MAX_JOBS_BYTES", default_value_t = 256 * MIB as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub caller_max_jobs_bytes: u64,
+
     /// Jobs idle longer than this (no step, update or restore) are deleted by a background task.
     #[arg(long, env = "GHMD_JOB_TTL", value_parser = parse_positive_duration, default_value = "7d")]
     pub job_ttl: Duration,
@@ -98,6 +118,11 @@ pub struct ServeConfig {
     /// RESOURCE_EXHAUSTED at once. Health checks are not counted.
     #[arg(long, env = "GHMD_MAX_CONCURRENT_REQUESTS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+
+    /// RPCs one caller (a token, or a peer address on an open server) may have in flight, unless
+    /// its token sets max_concurrent_requests: its share of --max-concurrent-requests.
+    #[arg(long, env = "GHMD_CALLER_MAX_CONCURRENT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub caller_max_concurrent_requests: u32,
 
     /// HTTP/2 streams one connection may have open at once.
     #[arg(long, env = "GHMD_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -225,12 +250,23 @@ impl ServeConfig {
             offload_elements: self.offload_elements,
             kept_steps: self.kept_steps,
             max_pending_steps: self.max_pending_steps,
-            max_jobs: usize::try_from(self.max_jobs).unwrap_or(usize::MAX),
+            max_jobs: to_usize(self.max_jobs),
             max_elements_per_request: self.max_elements_per_request,
             max_step_timeout: self.max_step_timeout,
             max_response_bytes: self.max_send_message_bytes,
+            max_job_bytes: to_usize(self.max_job_bytes),
+            max_jobs_bytes: to_usize(self.max_jobs_bytes),
+            caller_quota: Quota {
+                max_jobs: to_usize(self.caller_max_jobs),
+                max_jobs_bytes: to_usize(self.caller_max_jobs_bytes),
+            },
         }
     }
+}
+
+/// A limit past the address space is no limit.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
 }
 
 /// A registry made without a server (tests, benches, an embedding program) gets the limits of

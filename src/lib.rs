@@ -25,6 +25,7 @@ pub mod persist;
 mod probes;
 pub mod seesaw;
 pub mod server;
+mod share;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -160,6 +160,20 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<F> LimitFuture<F> {
+    /// A request let through, holding `permit` until its response body ends; `share` builds its
+    /// per-caller permits on this.
+    pub(crate) fn admitted(inner: F, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self::Admitted { inner, permit }
+    }
+
+    pub(crate) fn refused(status: tonic::Status) -> Self {
+        Self::Refused {
+            response: Some(status.into_http()),
+        }
+    }
+}
+
 impl<F, ResBody, E> Future for LimitFuture<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,

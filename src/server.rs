@@ -20,6 +20,7 @@ use crate::metrics::{Exposition, GrpcMetricsLayer, JobDensity, Metrics};
 use crate::persist::{PersistError, Snapshotter};
 use crate::probes::Readiness;
 use crate::proto::harmonizer_server::HarmonizerServer;
+use crate::share::CallerShareLayer;
 use crate::shutdown::Stopper;
 use crate::tls::{self, TlsError};
 
@@ -210,6 +211,9 @@ impl Server {
         // is a tokens file (reflection shows only the public contract, but an unknown caller
         // has no use for it).
         let interceptor = AuthInterceptor::new(Arc::clone(&authenticator));
+        // Inside the interceptor, so that each caller's share of the concurrency limit is known.
+        let share = CallerShareLayer::new(config.caller_max_concurrent_requests as usize);
+        let harmonizer = tower_layer::Layer::layer(&share, harmonizer);
         let harmonizer = InterceptedService::new(harmonizer, interceptor.clone());
         let reflection = InterceptedService::new(reflection, interceptor.clone());
         let reflection_alpha = InterceptedService::new(reflection_alpha, interceptor);

@@ -4,7 +4,8 @@
 use tonic::{Request, Status};
 
 use crate::auth::Access;
-use crate::jobs::validate_job_id;
+use crate::jobs::{Owner, validate_job_id};
+use crate::share::caller_name;
 
 /// The caller's access, as the authentication interceptor recorded it. A request that did not
 /// pass the interceptor is refused rather than treated as open, so that a wiring mistake fails
@@ -36,5 +37,23 @@ pub(super) fn authorize(access: &Access, job_id: &str) -> Result<(), Status> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
+    }
+}
+
+/// Who a new job belongs to, for its quotas: the token's caller with the token's quotas, or on
+/// an open server the peer's IP address (every port of one machine is one caller).
+pub(super) fn owner_of<T>(access: &Access, request: &Request<T>) -> Owner {
+    let caller = caller_name(access, request.remote_addr().map(|addr| addr.ip()));
+    match access {
+        Access::Caller(token) => Owner {
+            caller,
+            max_jobs: token.max_jobs,
+            max_jobs_bytes: token.max_jobs_bytes,
+        },
+        Access::Open => Owner {
+            caller,
+            max_jobs: None,
+            max_jobs_bytes: None,
+        },
     }
 }

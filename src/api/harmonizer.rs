@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::access::{access_of, authorize};
+use super::access::{access_of, authorize, owner_of};
 use super::convert::{
     job_to_proto, outcome_to_proto, reseed_from_proto, spec_from_proto, step_input_from_proto,
     update_from_proto,
@@ -144,6 +144,8 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<CreateJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        // The caller's quotas and its peer address, read before the request is taken apart.
+        let owner = access_of(&request).map(|access| owner_of(&access, &request))?;
         let (access, request) = self.job_call(request)?;
         let spec = spec_from_proto(request.spec, self.registry.max_step_timeout())?;
         let (job, created) = self.registry.create_for_run(
@@ -151,6 +153,7 @@ impl Harmonizer for HarmonizerService {
             spec,
             &request.run_id,
             self.run_takeover_after,
+            Some(&owner),
         )?;
         if created {
             tracing::info!(
@@ -246,10 +249,11 @@ impl Harmonizer for HarmonizerService {
         &self,
         request: Request<ReseedJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let owner = access_of(&request).map(|access| owner_of(&access, &request))?;
         let (access, request) = self.job_call(request)?;
         let (job_id, reseed) = reseed_from_proto(request, self.registry.max_step_timeout())?;
         let (seen_generation, seen_steps) = (reseed.state.generation, reseed.state.steps);
-        let (job, outcome) = self.registry.reseed(&job_id, reseed)?;
+        let (job, outcome) = self.registry.reseed(&job_id, reseed, Some(&owner))?;
         tracing::info!(
             %job_id,
             outcome = outcome.label(),

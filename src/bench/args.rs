@@ -19,6 +19,9 @@ pub enum BenchMode {
     Steps,
     /// Resident memory per idle job (only on a server the bench starts).
     Jobs,
+    /// One full step of thousands of ranks (--wide-world-sizes), and another job's latency
+    /// meanwhile; not among the defaults (a minute of load at W = 65,536).
+    WideSteps,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -55,6 +58,10 @@ pub struct BenchArgs {
     /// Jobs the memory measurement creates.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000).map(|n| n as usize))]
     pub jobs: usize,
+
+    /// The world sizes of the wide-steps mode, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = super::wide::WORLD_SIZES, value_parser = clap::value_parser!(u32).range(2..=65536))]
+    pub wide_world_sizes: Vec<u32>,
 
     /// Allow a --target that is not on this machine's loopback interface. The bench is a load
     /// test: point it only at a server you may load.

@@ -6,7 +6,9 @@
 //! - `small`: histogram requests at rising concurrency until saturation, against the health
 //!   check; then the latency at half the saturating rate;
 //! - `steps`: rounds of a step-synchronous job of W = 2, 4, 8 ranks;
-//! - `jobs`: the resident memory of an idle job, on a server of its own.
+//! - `jobs`: the resident memory of an idle job, on a server of its own;
+//! - `wide-steps` (not a default): one full step of W = 2,048 to 65,536 ranks, on a server of
+//!   its own that admits them all, and another job's latency meanwhile.
 //!
 //! Without `--target` the bench starts `ghmd serve` itself on a free loopback port.
 
@@ -18,6 +20,7 @@ mod small;
 mod stats;
 mod steps;
 mod target;
+mod wide;
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -34,6 +37,7 @@ pub use raw::RawPoint;
 pub use small::SmallReport;
 pub use steps::StepsReport;
 use target::Target;
+pub use wide::WideReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -149,6 +153,7 @@ pub struct Report {
     pub small: Option<SmallReport>,
     pub steps: Option<StepsReport>,
     pub jobs: Option<JobsOutcome>,
+    pub wide_steps: Option<WideReport>,
     pub checks: Vec<Check>,
 }
 
@@ -192,6 +197,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         small: None,
         steps: None,
         jobs: None,
+        wide_steps: None,
         checks: Vec::new(),
     };
     let measured = async {
@@ -205,6 +211,9 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         if wants(BenchMode::Steps) {
             report.steps = Some(steps::run(&target, &names, args.duration).await?);
         }
+        if wants(BenchMode::WideSteps) && args.target.is_some() {
+            report.wide_steps = Some(wide::run(&target, &names, &args.wide_world_sizes).await?);
+        }
         Ok::<_, BenchError>(())
     }
     .await;
@@ -213,6 +222,22 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     }
     measured?;
     drop(target);
+    if wants(BenchMode::WideSteps) && args.target.is_none() {
+        // A server of its own that admits every rank of the widest step at once.
+        let most = args.wide_world_sizes.iter().max().copied().unwrap_or(0);
+        let mut server_args = args.server_args.clone();
+        // The bench is one caller (one peer address): its share must admit every rank too.
+        server_args.push(format!("--max-concurrent-requests={}", most + 1024));
+        server_args.push(format!("--caller-max-concurrent-requests={}", most + 1024));
+        let wide = Target::start(
+            credentials.clone(),
+            args.server_binary.as_deref(),
+            &server_args,
+            args.server_cpus.as_deref(),
+        )
+        .await?;
+        report.wide_steps = Some(wide::run(&wide, &names, &args.wide_world_sizes).await?);
+    }
     if wants(BenchMode::Jobs) {
         report.jobs = Some(if args.target.is_some() {
             JobsOutcome::Skipped {
@@ -307,6 +332,28 @@ fn checks(report: &Report) -> Vec<Check> {
                 p50,
                 "< 1",
                 p50 < 1.0,
+            );
+        }
+    }
+    if let Some(wide) = &report.wide_steps {
+        for point in &wide.points {
+            check(
+                format!("wide steps, W = {}: ranks answered OK", point.world_size),
+                point.answered_ok as f64,
+                "= W",
+                point.answered_ok == point.world_size as usize,
+            );
+        }
+        if let (Some(first), Some(last)) = (wide.points.first(), wide.points.last()) {
+            let growth = last.us_per_rank / first.us_per_rank;
+            check(
+                format!(
+                    "wide steps: time per rank at W = {} / at W = {}",
+                    last.world_size, first.world_size
+                ),
+                growth,
+                "<= 4 (x32 if quadratic)",
+                growth <= 4.0,
             );
         }
     }
@@ -467,6 +514,33 @@ fn table(report: &Report) -> String {
             let _ = writeln!(out, "\nsteps: unsupported by server ({message})");
         }
         None => {}
+    }
+    if let Some(wide) = &report.wide_steps {
+        let _ = writeln!(
+            out,
+            "\nwide steps: one step of W ranks, {} ranks per connection; another job's p50/p99 \
+             {} ms with no step running",
+            wide::RANKS_PER_CONNECTION,
+            ms(&wide.baseline_probe)
+        );
+        let _ = writeln!(
+            out,
+            "{:>6} {:>10} {:>8} {:>8} {:>18} {:>9}  failures",
+            "W", "step ms", "us/rank", "OK", "other p50/p99 ms", "p99 x"
+        );
+        for p in &wide.points {
+            let _ = writeln!(
+                out,
+                "{:>6} {:>10.1} {:>8.2} {:>8} {:>18} {:>9.2}  {:?}",
+                p.world_size,
+                p.step_ms,
+                p.us_per_rank,
+                p.answered_ok,
+                ms(&p.probe),
+                p.probe_p99_ratio,
+                p.failures
+            );
+        }
     }
     match &report.jobs {
         Some(JobsOutcome::Measured(jobs)) => {

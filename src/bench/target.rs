@@ -15,6 +15,12 @@ use super::BenchError;
 use ghmd::client::{Credentials, MAX_MESSAGE_BYTES, Transport};
 use ghmd::proto::harmonizer_client::HarmonizerClient;
 
+pub fn harmonizer_with(channel: Channel, credentials: Credentials) -> HarmonizerClient<Transport> {
+    HarmonizerClient::new(InterceptedService::new(channel, credentials))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 /// How long a started server may take to answer its first health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -126,9 +132,12 @@ impl Target {
     }
 
     pub fn harmonizer(&self, channel: Channel) -> HarmonizerClient<Transport> {
-        HarmonizerClient::new(InterceptedService::new(channel, self.credentials.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        harmonizer_with(channel, self.credentials.clone())
+    }
+
+    /// The address and credentials, for a client on a runtime of its own.
+    pub fn detached(&self) -> (String, Credentials) {
+        (self.uri.clone(), self.credentials.clone())
     }
 
     pub fn health(&self, channel: Channel) -> HealthClient<Transport> {
@@ -196,6 +205,7 @@ impl StartedServer {
             .arg("--metrics-listen=127.0.0.1:0")
             .arg("--in-memory")
             .arg(format!("--max-jobs={MAX_JOBS}"))
+            .arg(format!("--caller-max-jobs={MAX_JOBS}"))
             .args(extra_args)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())

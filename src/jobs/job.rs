@@ -11,10 +11,12 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::budget::{self, JobCharge};
 use super::lineage::{Counters, Fence, check_fence};
+use super::step_sum::CountsSum;
 use super::sync::{
-    Deadline, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier, StepFailure,
-    WorldSizeChange,
+    Deadline, Deliveries, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier,
+    StepFailure, WorldSizeChange,
 };
 use super::{JobError, JobSpec, StepObserver, check_world_size};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
@@ -124,9 +126,9 @@ pub struct JobUpdate {
     pub allow_partial_steps: Option<bool>,
 }
 
-/// The step barrier of a job: each rank contributes its batch's counts, every rank of a step
-/// gets the step's applied outcome.
-type Barrier = StepBarrier<BatchCounts, Arc<AppliedStep>>;
+/// The step barrier of a job: each rank's batch counts are added to its step's sum, every rank
+/// of a step gets the step's applied outcome.
+type Barrier = StepBarrier<CountsSum, Arc<AppliedStep>>;
 
 /// What the steps of a job have made of it.
 struct Progress {
@@ -153,6 +155,8 @@ pub struct Job {
     run_id: String,
     create_time: SystemTime,
     context: Arc<JobContext>,
+    /// The job's bytes, charged to the server and to its owner until the job is dropped.
+    charge: JobCharge,
     /// A `parking_lot` mutex and not a tokio one: it is never held across an await, and the
     /// critical sections are O(bins) updates, so blocking briefly beats a queue of wakers.
     state: Mutex<JobState>,
@@ -179,6 +183,7 @@ impl Job {
         run_id: String,
         generation: u64,
         context: Arc<JobContext>,
+        charge: JobCharge,
     ) -> Self {
         let now = SystemTime::now();
         let sync = spec.is_step_synchronous().then(|| {
@@ -187,6 +192,7 @@ impl Job {
                 0,
                 Vec::new(),
                 context.kept_steps,
+                CountsSum::new(spec.ghm.bins()),
             ))
         });
         Self {
@@ -208,6 +214,7 @@ impl Job {
             run_id,
             create_time: now,
             context,
+            charge,
         }
     }
 
@@ -215,6 +222,7 @@ impl Job {
     pub(super) fn from_snapshot(
         snapshot: JobSnapshot,
         context: Arc<JobContext>,
+        charge: JobCharge,
     ) -> Result<Self, JobError> {
         check_acc_sum(&snapshot.id, &snapshot.acc_sum, snapshot.spec.ghm.bins())?;
         // A state file is input too: a world size past the API's limit would make every step
@@ -238,6 +246,7 @@ impl Job {
                 snapshot.next_step,
                 snapshot.world_size_schedule.clone(),
                 context.kept_steps,
+                CountsSum::new(snapshot.spec.ghm.bins()),
             ))
         });
         Ok(Self {
@@ -261,6 +270,7 @@ impl Job {
             run_id: snapshot.run_id,
             create_time: snapshot.create_time,
             context,
+            charge,
         })
     }
 
@@ -270,6 +280,11 @@ impl Job {
 
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// The bytes the job is charged: its fixed part and its pending steps (see `budget`).
+    pub fn memory_bytes(&self) -> usize {
+        self.charge.bytes()
     }
 
     pub fn loss(&self) -> Loss {
@@ -508,7 +523,11 @@ impl Job {
             let job = Arc::clone(&self);
             offload(move || job.prepare(&input)).await??
         } else {
-            self.prepare(&input)?
+            let prepared = self.prepare(&input)?;
+            // Not held while the step waits: a histogram of 4,096 bins is 32 KiB, and the
+            // step's sum already has its counts.
+            drop(input);
+            prepared
         };
         let applied = match self.contribute(step, rank, counts, fence)? {
             Joined::Applied(applied) => applied,
@@ -584,7 +603,7 @@ impl Job {
         counts: BatchCounts,
         fence: Fence,
     ) -> Result<Joined<Arc<AppliedStep>>, JobError> {
-        let (joined, new_attempt) = {
+        let (joined, new_attempt, deliveries) = {
             let mut state = self.state.lock();
             let timeout = state.step_timeout;
             self.check_fence(&state.progress, fence)?;
@@ -597,19 +616,38 @@ impl Job {
             let Some(sync) = sync.as_mut() else {
                 return Err(self.sync_error("not step-synchronous"));
             };
+            let limit = self.charge.pending_limit();
             let (joined, new_attempt) = sync
-                .join(step, rank, counts, self.context.max_pending_steps)
-                .map_err(|refusal| self.join_refused(step, rank, refusal))?;
-            sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
-            (joined, new_attempt.map(|generation| (generation, timeout)))
+                .join(
+                    step,
+                    rank,
+                    counts,
+                    self.context.max_pending_steps,
+                    limit.bytes,
+                )
+                .map_err(|refusal| self.join_refused(step, rank, refusal, &limit.decided_by))?;
+            let deliveries = sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            self.charge.set_pending(sync.pending_bytes());
+            (
+                joined,
+                new_attempt.map(|generation| (generation, timeout)),
+                deliveries,
+            )
         };
+        deliver(deliveries);
         if let Some((generation, timeout)) = new_attempt {
             self.arm_deadline(step, generation, timeout);
         }
         Ok(joined)
     }
 
-    fn join_refused(&self, step: u64, rank: u32, refusal: JoinRefusal) -> JobError {
+    fn join_refused(
+        &self,
+        step: u64,
+        rank: u32,
+        refusal: JoinRefusal,
+        bytes_decided_by: &str,
+    ) -> JobError {
         match refusal {
             JoinRefusal::Expired { next_step } => JobError::StepExpired {
                 id: self.id().to_owned(),
@@ -635,30 +673,34 @@ impl Job {
                     self.context.max_pending_steps,
                 ),
             },
+            JoinRefusal::TooManyBytes {
+                pending_bytes,
+                needed,
+                limit,
+            } => JobError::ResourceExhausted {
+                id: self.id().to_owned(),
+                reason: format!(
+                    "rank {rank}'s contribution to step {step} needs {needed} bytes, but the \
+                     job's pending steps hold {pending_bytes} of the {limit} they may \
+                     ({bytes_decided_by}); pending steps must complete first"
+                ),
+            },
         }
     }
 
-    /// The job's side of a ready step: the ranks' counts summed in rank order, folded into the
-    /// density.
+    /// The job's side of a ready step: the ranks' counts, as summed in rank order, folded
+    /// into the density.
     fn apply_ready_step(
         &self,
         progress: &mut Progress,
-        ready: ReadyStep<BatchCounts>,
+        ready: ReadyStep<CountsSum>,
     ) -> Arc<AppliedStep> {
-        let mut total = BatchCounts::empty(progress.density.acc_sum().len());
-        for counts in &ready.contributions {
-            total.add(counts);
-        }
+        let ranks = ready.kept.len();
+        let total = ready.sum.finish(&ready.kept);
         if let Some(wait) = ready.last_rank_wait {
             self.context.observer.last_rank_wait(wait);
         }
-        self.apply_locked(
-            progress,
-            &total,
-            ready.contributions.len(),
-            ready.missing_ranks,
-            ready.step + 1,
-        )
+        self.apply_locked(progress, &total, ranks, ready.missing_ranks, ready.step + 1)
     }
 
     /// A timer task per step attempt. It holds the job weakly, so a deleted job is not kept.
@@ -673,7 +715,7 @@ impl Job {
     }
 
     fn on_deadline(self: &Arc<Self>, step: u64, generation: u64) {
-        let (deadline, timeout) = {
+        let (deadline, deliveries) = {
             let mut state = self.state.lock();
             let timeout = state.step_timeout;
             let allow_partial = state.allow_partial_steps;
@@ -681,13 +723,14 @@ impl Job {
             let Some(sync) = sync.as_mut() else {
                 return;
             };
-            let deadline = sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
+            let outcome = sync.on_deadline(step, generation, allow_partial, timeout, |ready| {
                 self.apply_ready_step(progress, ready)
             });
-            (deadline, timeout)
+            self.charge.set_pending(sync.pending_bytes());
+            outcome
         };
+        deliver(deliveries);
         match deadline {
-            Deadline::Rearm => self.arm_deadline(step, generation, timeout),
             Deadline::Handled { timed_out: true } => self.context.observer.step_timed_out(),
             Deadline::Handled { timed_out: false } | Deadline::Nothing => {}
         }
@@ -706,7 +749,26 @@ impl Job {
                             .to_owned(),
                 });
             };
+            // The kept outcomes of a larger world may list more missing ranks: charged first,
+            // and given back if the change is refused.
+            let before = self.charge.fixed();
+            let world_size = change.world_size.max(sync.latest_world_size());
+            let grown = budget::fixed_bytes(
+                self.id(),
+                self.ghm.bins(),
+                world_size,
+                self.context.kept_steps,
+            );
+            self.charge
+                .set_fixed(grown)
+                .map_err(|refusal| JobError::ResourceExhausted {
+                    id: self.id().to_owned(),
+                    reason: format!("world_size = {}: {}", change.world_size, refusal.0),
+                })?;
             sync.change_world_size(change)
+                .inspect_err(|_| {
+                    let _ = self.charge.set_fixed(before);
+                })
                 .map_err(|refusal| JobError::FailedPrecondition {
                     id: self.id().to_owned(),
                     reason: match refusal {
@@ -734,7 +796,10 @@ impl Job {
         // A smaller world size may have completed pending steps.
         let JobState { progress, sync, .. } = &mut *state;
         if let Some(sync) = sync.as_mut() {
-            sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            let deliveries = sync.apply_ready(|ready| self.apply_ready_step(progress, ready));
+            self.charge.set_pending(sync.pending_bytes());
+            drop(state);
+            deliver(deliveries);
         }
         Ok(())
     }
@@ -756,7 +821,10 @@ impl Job {
         }
         let mut state = self.state.lock();
         match state.sync.as_mut() {
-            Some(sync) => sync.restart_at(next_step),
+            Some(sync) => {
+                sync.restart_at(next_step);
+                self.charge.set_pending(sync.pending_bytes());
+            }
             None if next_step != 0 => {
                 return Err(self.invalid_request(format!(
                     "state.next_step = {next_step}: only step-synchronous jobs have a next step; \
@@ -778,14 +846,14 @@ impl Job {
 
     /// Ends every waiting request of a job that is going away.
     pub(super) fn close(&self) {
-        self.fail_pending(|| StepFailure::Deleted);
+        self.fail_pending(StepFailure::Deleted);
     }
 
     /// Ends every waiting step of a server that is shutting down: no other rank can reach it
     /// any more, so the ranks that wait would wait for their step timeout; they send the step
     /// again where the job goes on. The registry has set `draining` first.
     pub(super) fn drain(&self) {
-        self.fail_pending(|| StepFailure::Draining);
+        self.fail_pending(StepFailure::Draining);
     }
 
     fn draining_error(&self, step: u64) -> JobError {
@@ -801,13 +869,16 @@ impl Job {
 
     /// Ends every waiting request of a copy that another copy replaces; they may send again.
     pub(super) fn close_replaced(&self) {
-        self.fail_pending(|| StepFailure::Replaced);
+        self.fail_pending(StepFailure::Replaced);
     }
 
-    fn fail_pending(&self, failure: impl Fn() -> StepFailure) {
+    fn fail_pending(&self, failure: StepFailure) {
         let mut state = self.state.lock();
         if let Some(sync) = state.sync.as_mut() {
-            sync.fail_all_pending(failure);
+            let deliveries = sync.fail_all_pending(failure);
+            self.charge.set_pending(sync.pending_bytes());
+            drop(state);
+            deliver(deliveries);
         }
     }
 }
@@ -863,6 +934,25 @@ fn ranks_list(ranks: &[u32]) -> String {
 pub fn max_tot(momentum: f64) -> f64 {
     let floor = if momentum > 0.0 { 1.0 - momentum } else { 1.0 };
     f64::from(f32::MAX) * floor / f64::from(1u32 << 17)
+}
+
+/// Requests a step wakes at once before other tasks get a turn.
+const WAKE_BATCH: usize = 512;
+
+/// Hands a step's outcome to its waiting requests, after the job's lock is released. A wide
+/// step's are woken from a task of their own, in batches, so that other jobs' requests are
+/// served meanwhile; a task, not the caller, so that a request cancelled meanwhile cannot drop
+/// the others' outcomes.
+fn deliver(deliveries: Deliveries<Arc<AppliedStep>>) {
+    if deliveries.waiters() <= WAKE_BATCH {
+        return deliveries.deliver_now();
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(deliveries.deliver_in_batches(WAKE_BATCH));
+        }
+        Err(_) => deliveries.deliver_now(),
+    }
 }
 
 /// Runs kernel work on the blocking pool, so that a large batch cannot stall the runtime.

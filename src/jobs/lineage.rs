@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::budget::JobCharge;
 use super::job::{AppliedStep, Job, JobContext, check_acc_sum};
 use super::{JobError, JobSnapshot, JobSpec, StepObserver};
 use crate::ghm::BinTable;
@@ -140,16 +141,16 @@ pub(super) fn check_fence(
 
 impl Job {
     /// A copy put in place by ReseedJob: the state its caller acknowledged, and the last step
-    /// that state came from, kept for retries.
+    /// that state came from, kept for retries. `spec` is the reseed's, normalized.
     pub(super) fn seeded(
         id: &str,
         spec: JobSpec,
-        run_id: &str,
+        reseed: &Reseed,
         generation: u64,
-        state: &SeedState,
-        last_step: Option<&SeedStep>,
         context: Arc<JobContext>,
+        charge: JobCharge,
     ) -> Result<Self, JobError> {
+        let (run_id, state, last_step) = (&reseed.run_id, &reseed.state, reseed.last_step.as_ref());
         let now = SystemTime::now();
         check_reseed(id, &spec, state, last_step)?;
         let acc_sum = seed_acc_sum(&spec, state);
@@ -168,6 +169,7 @@ impl Job {
                 update_time: now,
             },
             context,
+            charge,
         )?;
         if let Some(last) = last_step.cloned() {
             let counters = Counters {

@@ -7,16 +7,19 @@
 //!
 //! `registry` holds the jobs and checks a request's size limits; `job` is one job and how a
 //! request becomes its step; `sync` is the step barrier of step-synchronous jobs, which knows
-//! nothing of the job; `spec` holds the bounds every job keeps.
+//! nothing of the job, and `step_sum` how a GHM step sums its ranks' counts in it; `budget` what jobs and callers may hold; `spec` holds the bounds every job keeps.
 
+mod budget;
 mod error;
 mod job;
 mod lineage;
 mod observer;
 mod registry;
 mod spec;
+mod step_sum;
 mod sync;
 
+pub use budget::{Owner, Quota};
 pub use error::JobError;
 pub use job::{AppliedStep, BatchInput, Job, JobSnapshot, JobUpdate, StepInput, StepOutcome};
 pub use lineage::{

@@ -9,6 +9,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::task::JoinHandle;
 
+use super::budget::{self, Budget, JobCharge, Owner, Quota};
 use super::job::{Job, JobContext};
 use super::lineage::{check_reseed, may_take_over};
 use super::{
@@ -39,6 +40,13 @@ pub struct RegistryLimits {
     pub max_elements_per_request: usize,
     /// The longest `step_timeout` a job may have.
     pub max_step_timeout: Duration,
+    /// The bytes one job may hold: its fixed part (bins, kept steps) and its pending steps.
+    pub max_job_bytes: usize,
+    /// The bytes every job together may hold; with the server's own baseline this is what
+    /// keeps its memory inside the deployment's limit (README, "Limits").
+    pub max_jobs_bytes: usize,
+    /// What a caller may hold unless its token says otherwise.
+    pub caller_quota: Quota,
     /// The largest response the server can send (`--max-send-message-bytes`). A response above
     /// it would fail only after its step was applied, so requests whose weights cannot fit are
     /// refused up front.
@@ -63,6 +71,7 @@ pub struct Registry {
     max_step_timeout: Duration,
     max_response_bytes: usize,
     context: Arc<JobContext>,
+    budget: Arc<Budget>,
 }
 
 /// One page of ListJobs.
@@ -86,6 +95,11 @@ impl Registry {
             max_elements_per_request: limits.max_elements_per_request,
             max_step_timeout: limits.max_step_timeout,
             max_response_bytes: limits.max_response_bytes,
+            budget: Arc::new(Budget::new(
+                limits.max_job_bytes,
+                limits.max_jobs_bytes,
+                limits.caller_quota,
+            )),
             context: Arc::new(JobContext {
                 observer,
                 kept_steps: limits.kept_steps,
@@ -109,6 +123,11 @@ impl Registry {
         self.len() == 0
     }
 
+    /// The bytes every job is charged (see `budget`): what `--max-jobs-bytes` bounds.
+    pub fn jobs_bytes(&self) -> usize {
+        self.budget.total_bytes()
+    }
+
     /// Takes one of the `max_jobs` places, or says which limit is reached.
     fn reserve_place(&self, id: &str) -> Result<(), JobError> {
         self.count
@@ -126,22 +145,25 @@ impl Registry {
             })
     }
 
-    /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
-    /// a distributed job may call this at start-up. The bool says whether it was created.
+    /// Creates a job with no owner (an embedding program, a test): only the server-wide
+    /// limits apply.
     pub fn create(&self, id: &str, spec: JobSpec) -> Result<(JobSnapshot, bool), JobError> {
-        self.create_for_run(id, spec, "", Duration::MAX)
+        self.create_for_run(id, spec, "", Duration::MAX, None)
     }
 
-    /// CreateJob with a run identity: the same run (or none on both sides) is idempotent as
-    /// `create`; another run gets RUN_ACTIVE while the job changed less than `takeover_after`
-    /// ago, and otherwise takes the job over, empty, at the next generation. The bool says
-    /// whether a job was created (or taken over).
+    /// Creates a job, or returns the existing one if it has the same spec, so that every rank of
+    /// a distributed job may call this at start-up; with a run identity: the same run (or none
+    /// on both sides) is idempotent, another run gets RUN_ACTIVE while the job changed less than
+    /// `takeover_after` ago, and otherwise takes the job over, empty, at the next generation. The
+    /// bool says whether a job was created (or taken over). A new job counts against its
+    /// owner's quotas.
     pub fn create_for_run(
         &self,
         id: &str,
         spec: JobSpec,
         run_id: &str,
         takeover_after: Duration,
+        owner: Option<&Owner>,
     ) -> Result<(JobSnapshot, bool), JobError> {
         spec.check("spec.", Some(self.max_step_timeout))
             .map_err(JobError::InvalidSpec)?;
@@ -170,12 +192,14 @@ impl Registry {
                         steps,
                     });
                 }
+                let charge = self.charge(id, &spec, owner, false)?;
                 let taken = Arc::new(Job::new(
                     id.to_owned(),
                     spec,
                     run_id.to_owned(),
                     generation.saturating_add(1),
                     Arc::clone(&self.context),
+                    charge,
                 ));
                 existing.insert(Arc::clone(&taken));
                 drop(existing);
@@ -190,6 +214,7 @@ impl Registry {
                 return Ok((taken.snapshot(), true));
             }
             Entry::Vacant(slot) => {
+                let charge = self.charge(id, &spec, owner, true)?;
                 self.reserve_place(id)?;
                 let job = Arc::new(Job::new(
                     id.to_owned(),
@@ -197,6 +222,7 @@ impl Registry {
                     run_id.to_owned(),
                     1,
                     Arc::clone(&self.context),
+                    charge,
                 ));
                 slot.insert(Arc::clone(&job));
                 job
@@ -212,8 +238,9 @@ impl Registry {
         &self,
         id: &str,
         reseed: Reseed,
+        owner: Option<&Owner>,
     ) -> Result<(JobSnapshot, ReseedOutcome), JobError> {
-        let result = self.reseed_inner(id, reseed);
+        let result = self.reseed_inner(id, reseed, owner);
         self.context.observer.job_reseeded(match &result {
             Ok((_, outcome)) => *outcome,
             Err(_) => ReseedOutcome::Refused,
@@ -225,6 +252,7 @@ impl Registry {
         &self,
         id: &str,
         reseed: Reseed,
+        owner: Option<&Owner>,
     ) -> Result<(JobSnapshot, ReseedOutcome), JobError> {
         reseed
             .spec
@@ -232,24 +260,23 @@ impl Registry {
             .map_err(JobError::InvalidSpec)?;
         validate_job_id(id)?;
         validate_run_id(id, &reseed.run_id)?;
-        let spec = reseed.spec.normalized();
+        let spec = reseed.spec.clone().normalized();
         let seen = &reseed.state;
         check_reseed(id, &spec, seen, reseed.last_step.as_ref())?;
-        let seed = |generation: u64| {
+        let seed = |generation: u64, enforce: bool| {
             Job::seeded(
                 id,
                 spec.clone(),
-                &reseed.run_id,
+                &reseed,
                 generation,
-                seen,
-                reseed.last_step.as_ref(),
                 Arc::clone(&self.context),
+                self.charge(id, &spec, owner, enforce)?,
             )
             .map(Arc::new)
         };
         match self.jobs.entry(id.to_owned()) {
             Entry::Vacant(slot) => {
-                let job = seed(seen.generation.saturating_add(1))?;
+                let job = seed(seen.generation.saturating_add(1), true)?;
                 self.reserve_place(id)?;
                 slot.insert(Arc::clone(&job));
                 self.context.observer.jobs_changed(job.loss(), 1);
@@ -279,7 +306,7 @@ impl Registry {
                 if copy.spec().ghm != spec.ghm {
                     return Err(JobError::AlreadyExists { id: id.to_owned() });
                 }
-                let job = seed(generation.max(seen.generation).saturating_add(1))?;
+                let job = seed(generation.max(seen.generation).saturating_add(1), false)?;
                 existing.insert(Arc::clone(&job));
                 drop(existing);
                 self.replaced(&copy, &job);
@@ -299,6 +326,30 @@ impl Registry {
         }
     }
 
+    /// The bytes a job of `spec` is charged to the server and to `owner`. A job that replaces a
+    /// copy under the same id (a takeover, a reseed) is not refused for them: the copy it
+    /// replaces was charged the same and is given back as it goes.
+    fn charge(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+        owner: Option<&Owner>,
+        enforce: bool,
+    ) -> Result<JobCharge, JobError> {
+        let bytes = budget::fixed_bytes(
+            id,
+            spec.ghm.bins(),
+            spec.world_size,
+            self.context.kept_steps,
+        );
+        self.budget
+            .open(owner, bytes, enforce)
+            .map_err(|refusal| JobError::ResourceExhausted {
+                id: id.to_owned(),
+                reason: refusal.0,
+            })
+    }
+
     /// Accounts for `old` leaving the map in favour of `new` under the same id.
     fn replaced(&self, old: &Job, new: &Job) {
         old.close_replaced();
@@ -310,7 +361,22 @@ impl Registry {
     /// any job of the same id.
     pub fn insert_snapshot(&self, snapshot: JobSnapshot) -> Result<(), JobError> {
         validate_job_id(&snapshot.id)?;
-        let job = Arc::new(Job::from_snapshot(snapshot, Arc::clone(&self.context))?);
+        let bytes = budget::fixed_bytes(
+            &snapshot.id,
+            snapshot.spec.ghm.bins(),
+            snapshot.spec.world_size,
+            self.context.kept_steps,
+        );
+        // Never refused: jobs from the data dir are all kept, as with --max-jobs.
+        let charge = self
+            .budget
+            .open(None, bytes, false)
+            .map_err(|refusal| JobError::Internal(refusal.0))?;
+        let job = Arc::new(Job::from_snapshot(
+            snapshot,
+            Arc::clone(&self.context),
+            charge,
+        )?);
         let loss = job.loss();
         match self.jobs.insert(job.id().to_owned(), job) {
             Some(replaced) => {

@@ -8,6 +8,7 @@ mod command;
 
 use clap::Parser;
 use command::{BenchArgs, JobsOutcome, StepsReport};
+use ghmd::jobs::MAX_WORLD_SIZE;
 
 use crate::support::TestServer;
 
@@ -96,4 +97,48 @@ async fn without_a_target_it_starts_a_server_and_reads_its_memory() {
         other => panic!("{other:?}"),
     }
     assert!(report.raw.is_none() && report.small.is_none() && report.steps.is_none());
+}
+
+/// The widest step the server allows completes: every one of its 65,536 ranks answered OK (none
+/// ABORTED) within the step timeout, while another job kept answering. Not timed: the step
+/// timeout is generous, and the bench's figures say how long it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_of_the_largest_world_completes_while_another_job_is_served() {
+    let server = TestServer::start_with(|config| {
+        // Every rank comes from this one peer: its share must admit them all as well.
+        config.max_concurrent_requests = MAX_WORLD_SIZE + 1024;
+        config.caller_max_concurrent_requests = MAX_WORLD_SIZE + 1024;
+    })
+    .await;
+    let uri = server.uri();
+    let widest = MAX_WORLD_SIZE.to_string();
+    let args = BenchArgs::parse_from([
+        "bench",
+        "--target",
+        uri.as_str(),
+        "--mode",
+        "wide-steps",
+        "--wide-world-sizes",
+        widest.as_str(),
+    ]);
+    let report = command::run(&args).await.expect("bench runs");
+    let wide = report.wide_steps.expect("wide steps ran");
+    let [point] = wide.points.as_slice() else {
+        panic!("one world size: {:?}", wide.points);
+    };
+    assert_eq!(point.world_size, MAX_WORLD_SIZE);
+    assert_eq!(
+        (point.answered_ok, &point.failures),
+        (MAX_WORLD_SIZE as usize, &Default::default()),
+        "every rank answered OK"
+    );
+    assert!(
+        point.probe.samples > 0,
+        "the other job answered while the step filled"
+    );
+    assert!(
+        server.registry.snapshots().is_empty(),
+        "the bench deleted its jobs"
+    );
+    server.stop().await;
 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod barrier;
 mod bench;
 mod concurrency;
 mod conformance;
@@ -22,6 +23,7 @@ mod metrics;
 mod persistence;
 mod process;
 mod properties;
+mod quotas;
 mod security;
 mod soak;
 mod steps;

@@ -43,11 +43,17 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The real binary, with room for every stream and some to spare.
+/// The real binary, with room for every stream and some to spare; every stream is one caller
+/// (this machine's address), so its share is as large.
 fn start_ghmd(streams: usize) -> Ghmd {
     let limit = (streams * 2 + 64).to_string();
     Launch::in_memory()
-        .args(&["--max-concurrent-requests", &limit])
+        .args(&[
+            "--max-concurrent-requests",
+            &limit,
+            "--caller-max-concurrent-requests",
+            &limit,
+        ])
         .start()
 }
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ghmd import Client, GhmdError
+from ghmd import Client
+from ghmd.local import free_port, wait_for
 from ghmd.torch import GHMC
 
 CLASSES = 3
@@ -100,25 +100,6 @@ def train(rank: int, world_size: int, args) -> None:
     local.close()
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(address: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with Client(address, retries=0, timeout=1.0) as client:
-        while True:
-            try:
-                list(client.list_jobs(page_size=1))
-                return
-            except GhmdError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ that every path gave the reference's weights bit for bit.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from ghmd import Client, GhmdError  # noqa: E402
+from ghmd import Client  # noqa: E402
+from ghmd.local import free_port, wait_for  # noqa: E402
 from ghmd.torch import GHMC  # noqa: E402
 from mmdet_port import PortGHMC  # noqa: E402
 
@@ -52,25 +52,6 @@ def median_seconds(fn, repeat: int, warmup: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(address: str) -> None:
-    deadline = time.monotonic() + 30
-    with Client(address, retries=0, timeout=1.0) as client:
-        while True:
-            try:
-                list(client.list_jobs(page_size=1))
-                return
-            except GhmdError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ use ghmd::client::Client;
 use ghmd::proto::HarmonizeRequest;
 use tonic::Code;
 
-use crate::support::request::histogram;
+use crate::support::request::{histogram, job_state};
 use crate::support::{TestServer, assert_status, ghm_c, step_synchronous};
 
 fn rank_request(job_id: &str, step: u64, rank: u32) -> HarmonizeRequest {
@@ -26,15 +26,6 @@ async fn send(
 ) -> tokio::task::JoinHandle<Result<ghmd::proto::HarmonizeResponse, tonic::Status>> {
     let mut client: Client = server.client().await;
     tokio::spawn(async move { client.harmonize(request).await })
-}
-
-async fn job_state(client: &mut Client, job_id: &str) -> ghmd::proto::JobState {
-    client
-        .get_job(job_id)
-        .await
-        .expect("get")
-        .state
-        .expect("state")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ghmd::client::{Client, Credentials};
+use ghmd::client::Client;
 use ghmd::proto::{HarmonizeRequest, JobSpec};
 use tonic::Code;
 
@@ -15,11 +15,6 @@ use crate::support::{TempDir, TestServer, assert_status, ghm_c, step_synchronous
 const TEAM_A: &str = "team-a-quota-secret-0123456789";
 const TEAM_B: &str = "team-b-quota-secret-0123456789";
 const MIB: u64 = 1024 * 1024;
-
-async fn client_with(server: &TestServer, token: &str) -> Client {
-    let credentials = Credentials::bearer(token).expect("token");
-    Client::with_credentials(server.channel().await, credentials)
-}
 
 /// A server with the tokens of team-a, whose entry ends with `team_a_quota`, and team-b, which
 /// has the server's default quotas.
@@ -43,8 +38,8 @@ fn large_job() -> JobSpec {
 async fn a_token_that_filled_its_job_quota_leaves_other_tokens_served() {
     let dir = TempDir::new("quota-jobs");
     let server = with_tokens(&dir, "max_jobs = 3").await;
-    let mut team_a = client_with(&server, TEAM_A).await;
-    let mut team_b = client_with(&server, TEAM_B).await;
+    let mut team_a = server.client_with_token(Some(TEAM_A)).await;
+    let mut team_b = server.client_with_token(Some(TEAM_B)).await;
     for n in 0..3 {
         team_a
             .create_job(&format!("team-a/{n}"), ghm_c(10, 0.75))
@@ -94,8 +89,8 @@ fn rank_zero(job_id: &str, step: u64) -> HarmonizeRequest {
 async fn a_token_at_its_share_of_concurrent_requests_leaves_other_tokens_served() {
     let dir = TempDir::new("quota-share");
     let server = with_tokens(&dir, "max_concurrent_requests = 2").await;
-    let mut team_a = client_with(&server, TEAM_A).await;
-    let mut team_b = client_with(&server, TEAM_B).await;
+    let mut team_a = server.client_with_token(Some(TEAM_A)).await;
+    let mut team_b = server.client_with_token(Some(TEAM_B)).await;
     let spec = step_synchronous(ghm_c(10, 0.75), 2, Duration::from_secs(60));
     team_a
         .create_job("team-a/wait", spec)
@@ -108,7 +103,7 @@ async fn a_token_at_its_share_of_concurrent_requests_leaves_other_tokens_served(
     // Two requests of team-a wait for a rank 1 that never comes: its whole share.
     let mut waiting = Vec::new();
     for step in 0..2 {
-        let mut client = client_with(&server, TEAM_A).await;
+        let mut client = server.client_with_token(Some(TEAM_A)).await;
         waiting.push(tokio::spawn(async move {
             client.harmonize(rank_zero("team-a/wait", step)).await
         }));

@@ -203,14 +203,6 @@ fn standard_tokens() -> String {
     ])
 }
 
-async fn client_with(server: &TestServer, token: Option<&str>) -> Client {
-    let credentials = match token {
-        Some(token) => Credentials::bearer(token).expect("token"),
-        None => Credentials::default(),
-    };
-    Client::with_credentials(server.channel().await, credentials)
-}
-
 /// Every RPC of the Harmonizer once, against `job_id`, each with its code.
 async fn every_rpc(client: &mut Client, job_id: &str) -> Vec<(&'static str, Result<(), Code>)> {
     fn code<T>(result: Result<T, tonic::Status>) -> Result<(), Code> {
@@ -313,7 +305,7 @@ async fn tokens_decide_who_may_use_which_job_on_every_rpc() {
     let path = dir.write("tokens.toml", &standard_tokens());
     let server = TestServer::start_with(|config| config.tokens_file = Some(path)).await;
 
-    let mut admin = client_with(&server, Some(ADMIN)).await;
+    let mut admin = server.client_with_token(Some(ADMIN)).await;
     for id in [
         "team-a/1",
         "team-a/2",
@@ -336,7 +328,7 @@ async fn tokens_decide_who_may_use_which_job_on_every_rpc() {
         Some("not-a-known-token-at-all-000000"),
         Some(&TEAM_A[..TEAM_A.len() - 1]),
     ] {
-        let mut client = client_with(&server, token).await;
+        let mut client = server.client_with_token(token).await;
         for (rpc, result) in every_rpc(&mut client, "team-b/1").await {
             assert_eq!(result, Err(Code::Unauthenticated), "{rpc} with {token:?}");
         }
@@ -349,7 +341,7 @@ async fn tokens_decide_who_may_use_which_job_on_every_rpc() {
     }
 
     // A good token outside its prefixes: PERMISSION_DENIED on every job-scoped RPC.
-    let mut team_a = client_with(&server, Some(TEAM_A)).await;
+    let mut team_a = server.client_with_token(Some(TEAM_A)).await;
     for job_id in ["team-b/1", "team-b/new", "team-a", "shared/b-1", "other"] {
         for (rpc, result) in every_rpc(&mut team_a, job_id).await {
             assert_eq!(
@@ -378,7 +370,7 @@ async fn tokens_decide_who_may_use_which_job_on_every_rpc() {
     for (rpc, result) in every_rpc(&mut team_a, "team-a/3").await {
         assert_eq!(result, Ok(()), "team-a: {rpc} on its own job");
     }
-    let mut team_b = client_with(&server, Some(TEAM_B)).await;
+    let mut team_b = server.client_with_token(Some(TEAM_B)).await;
     team_b.get_job("shared/b-1").await.expect("second prefix");
     let status = team_b
         .get_job("shared/c-1")

@@ -13,6 +13,7 @@ use ghmd::proto::{
 };
 use tonic::Code;
 
+use crate::support::request::job_state;
 use crate::support::spec::{of_loss, with_world};
 use crate::support::{Draw, SplitMix, TestServer, bits, ghm_c, le, step_synchronous};
 
@@ -282,15 +283,6 @@ async fn ranks_may_mix_histograms_and_raw_norms() {
     run_distributed(8, Loss::GhmC, 4, 80).await;
 }
 
-async fn get_state(client: &mut Client, job_id: &str) -> proto::JobState {
-    client
-        .get_job(job_id)
-        .await
-        .expect("get")
-        .state
-        .expect("state")
-}
-
 fn small_shard(seed: u64) -> Shard {
     random_shard(&mut SplitMix(seed), Loss::GhmC)
 }
@@ -329,7 +321,7 @@ async fn a_missing_rank_aborts_the_step_naming_it_and_the_job_takes_the_next_att
             "aborted only after {elapsed:?}"
         );
     }
-    let state = get_state(&mut client, "abort").await;
+    let state = job_state(&mut client, "abort").await;
     assert_eq!((state.steps, state.next_step, state.elements), (0, 0, 0));
     assert!(
         state.acc_sum.iter().all(|&a| a == 0.0),
@@ -352,7 +344,7 @@ async fn a_missing_rank_aborts_the_step_naming_it_and_the_job_takes_the_next_att
             bits(&expected.weights_per_shard[rank])
         );
     }
-    assert_eq!(get_state(&mut client, "abort").await.next_step, 1);
+    assert_eq!(job_state(&mut client, "abort").await.next_step, 1);
     server.stop().await;
 }
 
@@ -384,7 +376,7 @@ async fn with_partial_steps_the_step_applies_without_the_missing_rank_and_says_s
         );
         assert_eq!(bits(&response.acc_sum), bits(&expected.acc_sum));
     }
-    let state = get_state(&mut client, "partial").await;
+    let state = job_state(&mut client, "partial").await;
     assert_eq!((state.steps, state.next_step), (1, 1));
 
     // The late rank gets the stored table of the step it missed.
@@ -396,7 +388,7 @@ async fn with_partial_steps_the_step_applies_without_the_missing_rank_and_says_s
     assert_eq!(response.missing_ranks, vec![2]);
     assert_eq!(bits(&response.bin_weights), bits(&expected.bin_weights));
     assert_eq!(
-        get_state(&mut client, "partial").await.steps,
+        job_state(&mut client, "partial").await.steps,
         1,
         "not applied twice"
     );
@@ -440,7 +432,7 @@ async fn a_resend_after_success_gets_the_identical_answer_until_its_table_is_dro
         .expect("resend");
     assert_eq!(again, first[1], "a resend gets the identical response");
     assert_eq!(
-        get_state(&mut client, "retry").await.steps,
+        job_state(&mut client, "retry").await.steps,
         1,
         "not applied twice"
     );
@@ -507,7 +499,7 @@ async fn a_resend_while_pending_replaces_the_earlier_contribution() {
         bits(&bytes_to_f32s(&other_response.weights)),
         bits(&expected.weights_per_shard[1])
     );
-    let state = get_state(&mut client, "replace").await;
+    let state = job_state(&mut client, "replace").await;
     assert_eq!(state.steps, 1);
     let valid = |s: &Shard| s.label_weights.iter().filter(|&&w| w > 0.0).count() as u64;
     assert_eq!(
@@ -538,7 +530,7 @@ async fn a_later_step_waits_for_the_earlier_one_and_steps_apply_in_order() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        get_state(&mut client, "order").await.steps,
+        job_state(&mut client, "order").await.steps,
         0,
         "step 1 waits for step 0"
     );
@@ -580,7 +572,7 @@ async fn a_rank_outside_the_world_is_invalid_and_changes_nothing() {
         .await
         .expect_err("the last step number is reserved");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let state = get_state(&mut client, "ranks").await;
+    let state = job_state(&mut client, "ranks").await;
     assert_eq!((state.steps, state.next_step), (0, 0));
     server.stop().await;
 }
@@ -692,7 +684,7 @@ async fn restoring_a_checkpoint_replays_the_same_bits() {
         assert_eq!(replay, first_run[i], "step {step} replays identically");
     }
     // A bad checkpoint is refused and changes nothing.
-    let before = get_state(&mut client, "restore").await;
+    let before = job_state(&mut client, "restore").await;
     let mut bad = checkpoint.clone();
     bad.acc_sum[3] = f32::NAN;
     let status = client
@@ -709,7 +701,7 @@ async fn restoring_a_checkpoint_replays_the_same_bits() {
         "{}",
         status.message()
     );
-    assert_eq!(get_state(&mut client, "restore").await, before);
+    assert_eq!(job_state(&mut client, "restore").await, before);
     server.stop().await;
 }
 
@@ -814,7 +806,7 @@ async fn sixty_four_jobs_of_eight_ranks_run_a_hundred_steps_at_once() {
         .expect("no deadlock");
     eprintln!("64 jobs x 8 ranks x 100 steps took {:?}", started.elapsed());
     for job in 0..JOBS {
-        let state = get_state(&mut client, &format!("stress/{job}")).await;
+        let state = job_state(&mut client, &format!("stress/{job}")).await;
         assert_eq!((state.steps, state.next_step), (STEPS, STEPS));
     }
     server.stop().await;

@@ -27,3 +27,13 @@ pub fn residuals(values: &[f32]) -> Option<Input> {
 pub fn histogram(counts: Vec<u64>, tot: f64) -> Option<Input> {
     Some(Input::Histogram(Histogram { counts, tot }))
 }
+
+/// A job's state as GetJob reports it.
+pub async fn job_state(client: &mut ghmd::client::Client, job_id: &str) -> ghmd::proto::JobState {
+    client
+        .get_job(job_id)
+        .await
+        .expect("get")
+        .state
+        .expect("state")
+}

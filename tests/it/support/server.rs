@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use ghmd::client::Client;
+use ghmd::client::{Client, Credentials};
 use ghmd::config::ServeConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -73,6 +73,15 @@ impl TestServer {
 
     pub async fn client(&self) -> Client {
         Client::connect(self.uri()).await.expect("connect")
+    }
+
+    /// A client that sends `token` as its bearer token, or none.
+    pub async fn client_with_token(&self, token: Option<&str>) -> Client {
+        let credentials = match token {
+            Some(token) => Credentials::bearer(token).expect("token"),
+            None => Credentials::default(),
+        };
+        Client::with_credentials(self.channel().await, credentials)
     }
 
     pub async fn channel(&self) -> tonic::transport::Channel {

@@ -88,6 +88,13 @@ impl CallerShareLayer {
     /// The caller's semaphore, sized by its latest request's quota: a token whose share a
     /// reloaded tokens file changed gets a new one (requests in flight keep their old permits).
     fn permits(&self, caller: &str, limit: usize) -> Arc<Semaphore> {
+        // Every request comes here: a known caller with an unchanged share costs a read lock of
+        // one shard and no allocation.
+        if let Some(share) = self.shares.get(caller)
+            && share.limit == limit
+        {
+            return Arc::clone(&share.permits);
+        }
         if self.shares.len() >= MAX_REMEMBERED {
             self.shares
                 .retain(|_, share| share.permits.available_permits() < share.limit);

@@ -100,6 +100,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
         world_size: spec.world_size,
         step_timeout: Some(duration_to_proto(spec.step_timeout)),
         allow_partial_steps: spec.allow_partial_steps,
+        method: None,
     }
 }
 
@@ -112,6 +113,7 @@ pub fn job_to_proto(job: JobSnapshot) -> proto::Job {
             elements: job.elements,
             next_step: job.next_step,
             generation: job.generation,
+            method_state: None,
         }),
         create_time: Some(job.create_time.into()),
         update_time: Some(job.update_time.into()),
@@ -136,7 +138,7 @@ pub fn step_input_from_proto(
             counts: histogram.counts,
             tot: histogram.tot,
         },
-        None => {
+        Some(Input::Seesaw(_) | Input::Eqlv2(_)) | None => {
             return Err(Status::invalid_argument(format!(
                 "job {:?}: input is required: set gradient_norms, residuals or histogram",
                 request.job_id
@@ -172,6 +174,7 @@ pub fn outcome_to_proto(job_id: String, outcome: StepOutcome) -> proto::Harmoniz
         elements: applied.counters.elements,
         next_step: applied.counters.next_step,
         generation: applied.counters.generation,
+        method_state: None,
     }
 }
 

@@ -34,6 +34,7 @@ pub fn acknowledged_state(response: &HarmonizeResponse) -> JobState {
         elements: response.elements,
         next_step: response.next_step,
         generation: response.generation,
+        method_state: None,
     }
 }
 
@@ -46,6 +47,7 @@ pub fn applied_step(response: &HarmonizeResponse) -> AppliedStep {
         nonempty_bins: response.nonempty_bins,
         acc_sum: response.acc_sum.clone(),
         missing_ranks: response.missing_ranks.clone(),
+        method_state: None,
     }
 }
 

@@ -464,6 +464,7 @@ async fn reseeding_creates_replaces_or_keeps_a_copy_by_the_rule() {
         acc_sum: vec![0.25; BINS as usize],
         generation: state.generation,
         next_step: 0,
+        method_state: None,
     };
     let replaced = client
         .reseed_job(reseed_request("seed/a", spec(1), "", ahead.clone()))

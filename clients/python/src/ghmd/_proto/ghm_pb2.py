@@ -26,47 +26,59 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10ghm/v1/ghm.proto\x12\x06ghm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\x07JobSpec\x12\x1a\n\x04loss\x18\x01 \x01(\x0e\x32\x0c.ghm.v1.Loss\x12\x0c\n\x04\x62ins\x18\x02 \x01(\r\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\n\n\x02mu\x18\x04 \x01(\x01\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12/\n\x0cstep_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x61llow_partial_steps\x18\x07 \x01(\x08\"c\n\x08JobState\x12\x0f\n\x07\x61\x63\x63_sum\x18\x01 \x03(\x02\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x10\n\x08\x65lements\x18\x03 \x01(\x04\x12\x11\n\tnext_step\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"\xc7\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.ghm.v1.JobSpec\x12\x1f\n\x05state\x18\x03 \x01(\x0b\x32\x10.ghm.v1.JobState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"Q\n\x10\x43reateJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.ghm.v1.JobSpec\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x0fListJobsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.ghm.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"\xb4\x01\n\x10UpdateJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x11\n\tfrom_step\x18\x03 \x01(\x04\x12/\n\x0cstep_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x13\x61llow_partial_steps\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_allow_partial_steps\"D\n\x11RestoreJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0b\x32\x10.ghm.v1.JobState\"|\n\x0b\x41ppliedStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0b\x62in_weights\x18\x02 \x03(\x02\x12\x0b\n\x03tot\x18\x03 \x01(\x01\x12\x15\n\rnonempty_bins\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x63\x63_sum\x18\x05 \x03(\x02\x12\x15\n\rmissing_ranks\x18\x06 \x03(\r\"\x9a\x01\n\x10ReseedJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.ghm.v1.JobSpec\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0b\x32\x10.ghm.v1.JobState\x12&\n\tlast_step\x18\x05 \x01(\x0b\x32\x13.ghm.v1.AppliedStep\"(\n\tHistogram\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x04\x12\x0b\n\x03tot\x18\x02 \x01(\x01\"\xea\x01\n\x10HarmonizeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x18\n\x0egradient_norms\x18\x04 \x01(\x0cH\x00\x12\x13\n\tresiduals\x18\x05 \x01(\x0cH\x00\x12&\n\thistogram\x18\x06 \x01(\x0b\x32\x11.ghm.v1.HistogramH\x00\x12\x15\n\rlabel_weights\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65xpected_generation\x18\x08 \x01(\x04\x12\x16\n\x0e\x65xpected_steps\x18\t \x01(\x04\x42\x07\n\x05input\"\xeb\x01\n\x11HarmonizeResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62in_weights\x18\x04 \x03(\x02\x12\x0b\n\x03tot\x18\x05 \x01(\x01\x12\x15\n\rnonempty_bins\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x63\x63_sum\x18\x07 \x03(\x02\x12\x15\n\rmissing_ranks\x18\x08 \x03(\r\x12\r\n\x05steps\x18\t \x01(\x04\x12\x10\n\x08\x65lements\x18\n \x01(\x04\x12\x11\n\tnext_step\x18\x0b \x01(\x04\x12\x12\n\ngeneration\x18\x0c \x01(\x04*<\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x0e\n\nLOSS_GHM_C\x10\x01\x12\x0e\n\nLOSS_GHM_R\x10\x02\x32\x9b\x04\n\nHarmonizer\x12\x32\n\tCreateJob\x12\x18.ghm.v1.CreateJobRequest\x1a\x0b.ghm.v1.Job\x12,\n\x06GetJob\x12\x15.ghm.v1.GetJobRequest\x1a\x0b.ghm.v1.Job\x12=\n\x08ListJobs\x12\x17.ghm.v1.ListJobsRequest\x1a\x18.ghm.v1.ListJobsResponse\x12@\n\tDeleteJob\x12\x18.ghm.v1.DeleteJobRequest\x1a\x19.ghm.v1.DeleteJobResponse\x12\x32\n\tUpdateJob\x12\x18.ghm.v1.UpdateJobRequest\x1a\x0b.ghm.v1.Job\x12\x34\n\nRestoreJob\x12\x19.ghm.v1.RestoreJobRequest\x1a\x0b.ghm.v1.Job\x12\x32\n\tReseedJob\x12\x18.ghm.v1.ReseedJobRequest\x1a\x0b.ghm.v1.Job\x12@\n\tHarmonize\x12\x18.ghm.v1.HarmonizeRequest\x1a\x19.ghm.v1.HarmonizeResponse\x12J\n\x0fHarmonizeStream\x12\x18.ghm.v1.HarmonizeRequest\x1a\x19.ghm.v1.HarmonizeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10ghm/v1/ghm.proto\x12\x06ghm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x02\n\x07JobSpec\x12\x1a\n\x04loss\x18\x01 \x01(\x0e\x32\x0c.ghm.v1.Loss\x12\x0c\n\x04\x62ins\x18\x02 \x01(\r\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\n\n\x02mu\x18\x04 \x01(\x01\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12/\n\x0cstep_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x61llow_partial_steps\x18\x07 \x01(\x08\x12$\n\x06seesaw\x18\x08 \x01(\x0b\x32\x12.ghm.v1.SeesawSpecH\x00\x12\"\n\x05\x65qlv2\x18\t \x01(\x0b\x32\x11.ghm.v1.Eqlv2SpecH\x00\x42\x08\n\x06method\"g\n\nSeesawSpec\x12\x13\n\x0bnum_classes\x18\x01 \x01(\r\x12\x0e\n\x01p\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x01q\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x04\n\x02_pB\x04\n\x02_qB\x06\n\x04_eps\"t\n\tEqlv2Spec\x12\x13\n\x0bnum_classes\x18\x01 \x01(\r\x12\x12\n\x05gamma\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x02mu\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_gammaB\x05\n\x03_muB\x08\n\x06_alpha\"\xbf\x01\n\x08JobState\x12\x0f\n\x07\x61\x63\x63_sum\x18\x01 \x03(\x02\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x10\n\x08\x65lements\x18\x03 \x01(\x04\x12\x11\n\tnext_step\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12%\n\x06seesaw\x18\x06 \x01(\x0b\x32\x13.ghm.v1.SeesawStateH\x00\x12#\n\x05\x65qlv2\x18\x07 \x01(\x0b\x32\x12.ghm.v1.Eqlv2StateH\x00\x42\x0e\n\x0cmethod_state\"\"\n\x0bSeesawState\x12\x13\n\x0b\x63um_samples\x18\x01 \x03(\x02\"A\n\nEqlv2State\x12\x10\n\x08pos_grad\x18\x01 \x03(\x02\x12\x10\n\x08neg_grad\x18\x02 \x03(\x02\x12\x0f\n\x07pos_neg\x18\x03 \x03(\x02\"\xc7\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.ghm.v1.JobSpec\x12\x1f\n\x05state\x18\x03 \x01(\x0b\x32\x10.ghm.v1.JobState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"Q\n\x10\x43reateJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.ghm.v1.JobSpec\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x0fListJobsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.ghm.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"\xb4\x01\n\x10UpdateJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x11\n\tfrom_step\x18\x03 \x01(\x04\x12/\n\x0cstep_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x13\x61llow_partial_steps\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_allow_partial_steps\"D\n\x11RestoreJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0b\x32\x10.ghm.v1.JobState\"\xd8\x01\n\x0b\x41ppliedStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0b\x62in_weights\x18\x02 \x03(\x02\x12\x0b\n\x03tot\x18\x03 \x01(\x01\x12\x15\n\rnonempty_bins\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x63\x63_sum\x18\x05 \x03(\x02\x12\x15\n\rmissing_ranks\x18\x06 \x03(\r\x12%\n\x06seesaw\x18\x07 \x01(\x0b\x32\x13.ghm.v1.SeesawStateH\x00\x12#\n\x05\x65qlv2\x18\x08 \x01(\x0b\x32\x12.ghm.v1.Eqlv2StateH\x00\x42\x0e\n\x0cmethod_state\"\x9a\x01\n\x10ReseedJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.ghm.v1.JobSpec\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0b\x32\x10.ghm.v1.JobState\x12&\n\tlast_step\x18\x05 \x01(\x0b\x32\x13.ghm.v1.AppliedStep\"(\n\tHistogram\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x04\x12\x0b\n\x03tot\x18\x02 \x01(\x01\"\xc4\x02\n\x10HarmonizeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x18\n\x0egradient_norms\x18\x04 \x01(\x0cH\x00\x12\x13\n\tresiduals\x18\x05 \x01(\x0cH\x00\x12&\n\thistogram\x18\x06 \x01(\x0b\x32\x11.ghm.v1.HistogramH\x00\x12,\n\x06seesaw\x18\n \x01(\x0b\x32\x1a.ghm.v1.SeesawContributionH\x00\x12*\n\x05\x65qlv2\x18\x0b \x01(\x0b\x32\x19.ghm.v1.Eqlv2ContributionH\x00\x12\x15\n\rlabel_weights\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65xpected_generation\x18\x08 \x01(\x04\x12\x16\n\x0e\x65xpected_steps\x18\t \x01(\x04\x42\x07\n\x05input\":\n\x12SeesawContribution\x12\x14\n\x0clabel_counts\x18\x01 \x03(\x04\x12\x0e\n\x06labels\x18\x02 \x03(\x03\"7\n\x11\x45qlv2Contribution\x12\x10\n\x08pos_grad\x18\x01 \x01(\x0c\x12\x10\n\x08neg_grad\x18\x02 \x01(\x0c\"\xc7\x02\n\x11HarmonizeResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62in_weights\x18\x04 \x03(\x02\x12\x0b\n\x03tot\x18\x05 \x01(\x01\x12\x15\n\rnonempty_bins\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x63\x63_sum\x18\x07 \x03(\x02\x12\x15\n\rmissing_ranks\x18\x08 \x03(\r\x12\r\n\x05steps\x18\t \x01(\x04\x12\x10\n\x08\x65lements\x18\n \x01(\x04\x12\x11\n\tnext_step\x18\x0b \x01(\x04\x12\x12\n\ngeneration\x18\x0c \x01(\x04\x12%\n\x06seesaw\x18\r \x01(\x0b\x32\x13.ghm.v1.SeesawStateH\x00\x12#\n\x05\x65qlv2\x18\x0e \x01(\x0b\x32\x12.ghm.v1.Eqlv2StateH\x00\x42\x0e\n\x0cmethod_state*<\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x0e\n\nLOSS_GHM_C\x10\x01\x12\x0e\n\nLOSS_GHM_R\x10\x02\x32\x9b\x04\n\nHarmonizer\x12\x32\n\tCreateJob\x12\x18.ghm.v1.CreateJobRequest\x1a\x0b.ghm.v1.Job\x12,\n\x06GetJob\x12\x15.ghm.v1.GetJobRequest\x1a\x0b.ghm.v1.Job\x12=\n\x08ListJobs\x12\x17.ghm.v1.ListJobsRequest\x1a\x18.ghm.v1.ListJobsResponse\x12@\n\tDeleteJob\x12\x18.ghm.v1.DeleteJobRequest\x1a\x19.ghm.v1.DeleteJobResponse\x12\x32\n\tUpdateJob\x12\x18.ghm.v1.UpdateJobRequest\x1a\x0b.ghm.v1.Job\x12\x34\n\nRestoreJob\x12\x19.ghm.v1.RestoreJobRequest\x1a\x0b.ghm.v1.Job\x12\x32\n\tReseedJob\x12\x18.ghm.v1.ReseedJobRequest\x1a\x0b.ghm.v1.Job\x12@\n\tHarmonize\x12\x18.ghm.v1.HarmonizeRequest\x1a\x19.ghm.v1.HarmonizeResponse\x12J\n\x0fHarmonizeStream\x12\x18.ghm.v1.HarmonizeRequest\x1a\x19.ghm.v1.HarmonizeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ghm.v1.ghm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOSS']._serialized_start=1950
-  _globals['_LOSS']._serialized_end=2010
+  _globals['_LOSS']._serialized_start=2845
+  _globals['_LOSS']._serialized_end=2905
   _globals['_JOBSPEC']._serialized_start=94
-  _globals['_JOBSPEC']._serialized_end=273
-  _globals['_JOBSTATE']._serialized_start=275
-  _globals['_JOBSTATE']._serialized_end=374
-  _globals['_JOB']._serialized_start=377
-  _globals['_JOB']._serialized_end=576
-  _globals['_CREATEJOBREQUEST']._serialized_start=578
-  _globals['_CREATEJOBREQUEST']._serialized_end=659
-  _globals['_GETJOBREQUEST']._serialized_start=661
-  _globals['_GETJOBREQUEST']._serialized_end=692
-  _globals['_LISTJOBSREQUEST']._serialized_start=694
-  _globals['_LISTJOBSREQUEST']._serialized_end=766
-  _globals['_LISTJOBSRESPONSE']._serialized_start=768
-  _globals['_LISTJOBSRESPONSE']._serialized_end=838
-  _globals['_DELETEJOBREQUEST']._serialized_start=840
-  _globals['_DELETEJOBREQUEST']._serialized_end=874
-  _globals['_DELETEJOBRESPONSE']._serialized_start=876
-  _globals['_DELETEJOBRESPONSE']._serialized_end=895
-  _globals['_UPDATEJOBREQUEST']._serialized_start=898
-  _globals['_UPDATEJOBREQUEST']._serialized_end=1078
-  _globals['_RESTOREJOBREQUEST']._serialized_start=1080
-  _globals['_RESTOREJOBREQUEST']._serialized_end=1148
-  _globals['_APPLIEDSTEP']._serialized_start=1150
-  _globals['_APPLIEDSTEP']._serialized_end=1274
-  _globals['_RESEEDJOBREQUEST']._serialized_start=1277
-  _globals['_RESEEDJOBREQUEST']._serialized_end=1431
-  _globals['_HISTOGRAM']._serialized_start=1433
-  _globals['_HISTOGRAM']._serialized_end=1473
-  _globals['_HARMONIZEREQUEST']._serialized_start=1476
-  _globals['_HARMONIZEREQUEST']._serialized_end=1710
-  _globals['_HARMONIZERESPONSE']._serialized_start=1713
-  _globals['_HARMONIZERESPONSE']._serialized_end=1948
-  _globals['_HARMONIZER']._serialized_start=2013
-  _globals['_HARMONIZER']._serialized_end=2552
+  _globals['_JOBSPEC']._serialized_end=357
+  _globals['_SEESAWSPEC']._serialized_start=359
+  _globals['_SEESAWSPEC']._serialized_end=462
+  _globals['_EQLV2SPEC']._serialized_start=464
+  _globals['_EQLV2SPEC']._serialized_end=580
+  _globals['_JOBSTATE']._serialized_start=583
+  _globals['_JOBSTATE']._serialized_end=774
+  _globals['_SEESAWSTATE']._serialized_start=776
+  _globals['_SEESAWSTATE']._serialized_end=810
+  _globals['_EQLV2STATE']._serialized_start=812
+  _globals['_EQLV2STATE']._serialized_end=877
+  _globals['_JOB']._serialized_start=880
+  _globals['_JOB']._serialized_end=1079
+  _globals['_CREATEJOBREQUEST']._serialized_start=1081
+  _globals['_CREATEJOBREQUEST']._serialized_end=1162
+  _globals['_GETJOBREQUEST']._serialized_start=1164
+  _globals['_GETJOBREQUEST']._serialized_end=1195
+  _globals['_LISTJOBSREQUEST']._serialized_start=1197
+  _globals['_LISTJOBSREQUEST']._serialized_end=1269
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1271
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1341
+  _globals['_DELETEJOBREQUEST']._serialized_start=1343
+  _globals['_DELETEJOBREQUEST']._serialized_end=1377
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1379
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1398
+  _globals['_UPDATEJOBREQUEST']._serialized_start=1401
+  _globals['_UPDATEJOBREQUEST']._serialized_end=1581
+  _globals['_RESTOREJOBREQUEST']._serialized_start=1583
+  _globals['_RESTOREJOBREQUEST']._serialized_end=1651
+  _globals['_APPLIEDSTEP']._serialized_start=1654
+  _globals['_APPLIEDSTEP']._serialized_end=1870
+  _globals['_RESEEDJOBREQUEST']._serialized_start=1873
+  _globals['_RESEEDJOBREQUEST']._serialized_end=2027
+  _globals['_HISTOGRAM']._serialized_start=2029
+  _globals['_HISTOGRAM']._serialized_end=2069
+  _globals['_HARMONIZEREQUEST']._serialized_start=2072
+  _globals['_HARMONIZEREQUEST']._serialized_end=2396
+  _globals['_SEESAWCONTRIBUTION']._serialized_start=2398
+  _globals['_SEESAWCONTRIBUTION']._serialized_end=2456
+  _globals['_EQLV2CONTRIBUTION']._serialized_start=2458
+  _globals['_EQLV2CONTRIBUTION']._serialized_end=2513
+  _globals['_HARMONIZERESPONSE']._serialized_start=2516
+  _globals['_HARMONIZERESPONSE']._serialized_end=2843
+  _globals['_HARMONIZER']._serialized_start=2908
+  _globals['_HARMONIZER']._serialized_end=3447
 # @@protoc_insertion_point(module_scope)

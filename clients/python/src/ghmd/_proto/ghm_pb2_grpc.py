@@ -26,8 +26,10 @@ if _version_not_supported:
 
 
 class HarmonizerStub:
-    """Computes Gradient Harmonizing Mechanism (GHM) weights from one exponential-moving-average
-    gradient density per training job, bit for bit as mmdetection's GHMC/GHMR do.
+    """Keeps one running loss statistic per training job, shared by every worker of the job, bit for
+    bit as mmdetection keeps it for one process: GHM's EMA gradient density (GHMC/GHMR, with the
+    weights computed here), Seesaw's cumulative class counts (SeesawLoss) and EQLv2's accumulated
+    gradients (EQLV2Loss), whose losses the client computes from the state every step returns.
     """
 
     def __init__(self, channel):
@@ -84,8 +86,10 @@ class HarmonizerStub:
 
 
 class HarmonizerServicer:
-    """Computes Gradient Harmonizing Mechanism (GHM) weights from one exponential-moving-average
-    gradient density per training job, bit for bit as mmdetection's GHMC/GHMR do.
+    """Keeps one running loss statistic per training job, shared by every worker of the job, bit for
+    bit as mmdetection keeps it for one process: GHM's EMA gradient density (GHMC/GHMR, with the
+    weights computed here), Seesaw's cumulative class counts (SeesawLoss) and EQLv2's accumulated
+    gradients (EQLV2Loss), whose losses the client computes from the state every step returns.
     """
 
     def CreateJob(self, request, context):
@@ -214,8 +218,10 @@ def add_HarmonizerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Harmonizer:
-    """Computes Gradient Harmonizing Mechanism (GHM) weights from one exponential-moving-average
-    gradient density per training job, bit for bit as mmdetection's GHMC/GHMR do.
+    """Keeps one running loss statistic per training job, shared by every worker of the job, bit for
+    bit as mmdetection keeps it for one process: GHM's EMA gradient density (GHMC/GHMR, with the
+    weights computed here), Seesaw's cumulative class counts (SeesawLoss) and EQLv2's accumulated
+    gradients (EQLV2Loss), whose losses the client computes from the state every step returns.
     """
 
     @staticmethod

@@ -18,6 +18,7 @@ mod health_command;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod method_server;
 mod methods;
 mod metrics;
 mod persistence;

@@ -22,6 +22,15 @@ pub enum BenchMode {
     /// One full step of thousands of ranks (--wide-world-sizes), and another job's latency
     /// meanwhile; not among the defaults (a minute of load at W = 65,536).
     WideSteps,
+    /// The small mode with Seesaw's and EQLv2's steps at C = 1203 (LVIS), against the health
+    /// check; not among the defaults.
+    SmallMethods,
+    /// Resident memory per idle Seesaw and EQLv2 job at C = 1203 (only on servers the bench
+    /// starts); not among the defaults.
+    JobsMethods,
+    /// A training step's time with EQLv2's round trip awaited after a simulated forward pass,
+    /// and with it in flight during the next one; not among the defaults.
+    Eqlv2Overlap,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -58,6 +67,14 @@ pub struct BenchArgs {
     /// Jobs the memory measurement creates.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000).map(|n| n as usize))]
     pub jobs: usize,
+
+    /// Jobs of each method the jobs-methods measurement creates.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+    pub method_jobs: usize,
+
+    /// The simulated forward pass of the eqlv2-overlap mode (a thread spinning that long).
+    #[arg(long, value_parser = parse_positive_duration, default_value = "10ms")]
+    pub forward: Duration,
 
     /// The world sizes of the wide-steps mode, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = super::wide::WORLD_SIZES, value_parser = clap::value_parser!(u32).range(2..=65536))]

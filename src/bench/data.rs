@@ -5,7 +5,8 @@ use ghmd::ghm::{self, BatchCounts, BinEdges, InputField, Loss};
 #[path = "../synthetic.rs"]
 mod synthetic;
 
-use synthetic::{SplitMix, realistic_norm};
+pub use synthetic::SplitMix;
+use synthetic::realistic_norm;
 
 /// `elements` realistic norms (see [`realistic_norm`]) from `seed`.
 pub fn realistic_norms(elements: usize, seed: u64) -> Vec<f32> {

@@ -1,6 +1,7 @@
 //! `jobs`: the memory an idle job costs: the server's resident set before and after creating
 //! many jobs (bins 30, never stepped), divided by their number. Only for a server the bench
 //! started, whose `/proc/<pid>/status` it can read, and that has served nothing else before.
+//! `jobs-methods` (`methods.rs`) measures Seesaw's and EQLv2's jobs the same way.
 
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use super::target::Target;
-use super::{BenchError, JobNames, create_job};
-use ghmd::proto::Loss;
+use super::{BenchError, JobNames, create_job_with, ghm_spec};
+use ghmd::proto::{JobSpec, Loss};
 
 const BINS: u32 = 30;
 const CONNECTIONS: usize = 4;
@@ -28,6 +29,30 @@ pub struct JobsReport {
 }
 
 pub async fn run(target: &Target, names: &JobNames, jobs: usize) -> Result<JobsReport, BenchError> {
+    let (before, after) =
+        rss_around(target, names, "jobs", ghm_spec(Loss::GhmC, BINS, 0), jobs).await?;
+    Ok(JobsReport {
+        jobs,
+        bins: BINS,
+        rss_before_bytes: before,
+        rss_after_bytes: after,
+        bytes_per_job: per_job(before, after, jobs),
+    })
+}
+
+pub fn per_job(before: u64, after: u64, jobs: usize) -> f64 {
+    after.saturating_sub(before) as f64 / jobs.max(1) as f64
+}
+
+/// The server's resident set before and after `jobs` idle jobs of `spec` were created, named
+/// `{name}-NNNNNNN`.
+pub async fn rss_around(
+    target: &Target,
+    names: &JobNames,
+    name: &str,
+    spec: JobSpec,
+    jobs: usize,
+) -> Result<(u64, u64), BenchError> {
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
         channels.push(target.connect().await?);
@@ -39,11 +64,11 @@ pub async fn run(target: &Target, names: &JobNames, jobs: usize) -> Result<JobsR
         let mut client = target.harmonizer(channels[creator % CONNECTIONS].clone());
         let ids: Vec<String> = (creator..jobs)
             .step_by(CREATORS)
-            .map(|index| names.job(&format!("jobs-{index:07}")))
+            .map(|index| names.job(&format!("{name}-{index:07}")))
             .collect();
         creators.spawn(async move {
             for id in ids {
-                create_job(&mut client, &id, Loss::GhmC, BINS, 0).await?;
+                create_job_with(&mut client, &id, spec).await?;
             }
             Ok::<_, BenchError>(())
         });
@@ -53,13 +78,7 @@ pub async fn run(target: &Target, names: &JobNames, jobs: usize) -> Result<JobsR
     }
     tokio::time::sleep(SETTLE).await;
     let after = rss(target)?;
-    Ok(JobsReport {
-        jobs,
-        bins: BINS,
-        rss_before_bytes: before,
-        rss_after_bytes: after,
-        bytes_per_job: after.saturating_sub(before) as f64 / jobs.max(1) as f64,
-    })
+    Ok((before, after))
 }
 
 fn rss(target: &Target) -> Result<u64, BenchError> {

@@ -8,13 +8,17 @@
 //! - `steps`: rounds of a step-synchronous job of W = 2, 4, 8 ranks;
 //! - `jobs`: the resident memory of an idle job, on a server of its own;
 //! - `wide-steps` (not a default): one full step of W = 2,048 to 65,536 ranks, on a server of
-//!   its own that admits them all, and another job's latency meanwhile.
+//!   its own that admits them all, and another job's latency meanwhile;
+//! - `small-methods`, `jobs-methods`, `eqlv2-overlap` (not defaults): Seesaw and EQLv2 at
+//!   C = 1203, see `methods.rs` and `overlap.rs`.
 //!
 //! Without `--target` the bench starts `ghmd serve` itself on a free loopback port.
 
 mod args;
 mod data;
 mod jobs;
+mod methods;
+mod overlap;
 mod raw;
 mod small;
 mod stats;
@@ -33,6 +37,8 @@ use ghmd::client::{Credentials, Transport};
 use ghmd::proto::harmonizer_client::HarmonizerClient;
 use ghmd::proto::{CreateJobRequest, DeleteJobRequest, JobSpec, Loss};
 pub use jobs::JobsReport;
+pub use methods::{MethodJobs, MethodSmall};
+pub use overlap::OverlapReport;
 pub use raw::RawPoint;
 pub use small::SmallReport;
 pub use steps::StepsReport;
@@ -105,6 +111,17 @@ impl JobNames {
     }
 }
 
+/// The GHM spec every GHM mode measures: momentum 0.75, as a detector's config has it.
+fn ghm_spec(loss: Loss, bins: u32, world_size: u32) -> JobSpec {
+    JobSpec {
+        loss: loss.into(),
+        bins,
+        momentum: 0.75,
+        world_size,
+        ..Default::default()
+    }
+}
+
 async fn create_job(
     client: &mut HarmonizerClient<Transport>,
     job_id: &str,
@@ -112,15 +129,17 @@ async fn create_job(
     bins: u32,
     world_size: u32,
 ) -> Result<(), BenchError> {
+    create_job_with(client, job_id, ghm_spec(loss, bins, world_size)).await
+}
+
+async fn create_job_with(
+    client: &mut HarmonizerClient<Transport>,
+    job_id: &str,
+    spec: JobSpec,
+) -> Result<(), BenchError> {
     let request = CreateJobRequest {
         job_id: job_id.to_owned(),
-        spec: Some(JobSpec {
-            loss: loss.into(),
-            bins,
-            momentum: 0.75,
-            world_size,
-            ..Default::default()
-        }),
+        spec: Some(spec),
         ..Default::default()
     };
     rpc("CreateJob", client.create_job(request).await)?;
@@ -144,6 +163,13 @@ pub enum JobsOutcome {
 }
 
 #[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum MethodJobsOutcome {
+    Measured { methods: Vec<MethodJobs> },
+    Skipped { reason: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub target: String,
     pub started_by_bench: bool,
@@ -154,8 +180,15 @@ pub struct Report {
     pub steps: Option<StepsReport>,
     pub jobs: Option<JobsOutcome>,
     pub wide_steps: Option<WideReport>,
+    pub small_methods: Option<Vec<MethodSmall>>,
+    pub jobs_methods: Option<MethodJobsOutcome>,
+    pub eqlv2_overlap: Option<OverlapReport>,
     pub checks: Vec<Check>,
 }
+
+/// Why the memory modes need a server of their own.
+const MEMORY_NEEDS_OWN_SERVER: &str =
+    "memory is read from /proc of a server the bench starts: run without --target";
 
 /// Runs the modes `args` asks for and prints the report, as a table or as JSON.
 pub async fn main(args: BenchArgs) -> Result<(), BenchError> {
@@ -198,6 +231,9 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         steps: None,
         jobs: None,
         wide_steps: None,
+        small_methods: None,
+        jobs_methods: None,
+        eqlv2_overlap: None,
         checks: Vec::new(),
     };
     let measured = async {
@@ -210,6 +246,29 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         }
         if wants(BenchMode::Steps) {
             report.steps = Some(steps::run(&target, &names, args.duration).await?);
+        }
+        if wants(BenchMode::SmallMethods) {
+            let mut reports = Vec::new();
+            for method in methods::Method::ALL {
+                let report = small::run_workload(
+                    &target,
+                    &names,
+                    &method.workload(),
+                    args.max_concurrency,
+                    args.duration,
+                )
+                .await?;
+                reports.push(MethodSmall {
+                    method,
+                    num_classes: methods::CLASSES,
+                    report,
+                });
+            }
+            report.small_methods = Some(reports);
+        }
+        if wants(BenchMode::Eqlv2Overlap) {
+            report.eqlv2_overlap =
+                Some(overlap::run(&target, &names, args.forward, args.duration).await?);
         }
         if wants(BenchMode::WideSteps) && args.target.is_some() {
             report.wide_steps = Some(wide::run(&target, &names, &args.wide_world_sizes).await?);
@@ -241,20 +300,58 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     if wants(BenchMode::Jobs) {
         report.jobs = Some(if args.target.is_some() {
             JobsOutcome::Skipped {
-                reason: "memory is read from /proc of a server the bench starts: run without \
-                         --target"
-                    .to_owned(),
+                reason: MEMORY_NEEDS_OWN_SERVER.to_owned(),
             }
         } else {
             // A server of its own, so that nothing served before blurs the reading.
             let fresh = Target::start(
-                credentials,
+                credentials.clone(),
                 args.server_binary.as_deref(),
                 &args.server_args,
                 args.server_cpus.as_deref(),
             )
             .await?;
             JobsOutcome::Measured(jobs::run(&fresh, &names, args.jobs).await?)
+        });
+    }
+    if wants(BenchMode::JobsMethods) {
+        report.jobs_methods = Some(if args.target.is_some() {
+            MethodJobsOutcome::Skipped {
+                reason: MEMORY_NEEDS_OWN_SERVER.to_owned(),
+            }
+        } else {
+            let mut measured = Vec::new();
+            for method in methods::Method::ALL {
+                // A server of its own per method, whose byte limits admit every job: a job at
+                // C = 1203 holds kilobytes where GHM's holds a hundred bytes.
+                let mut server_args = args.server_args.clone();
+                server_args.push("--max-jobs-bytes=1099511627776".to_owned());
+                server_args.push("--caller-max-jobs-bytes=1099511627776".to_owned());
+                let fresh = Target::start(
+                    credentials.clone(),
+                    args.server_binary.as_deref(),
+                    &server_args,
+                    args.server_cpus.as_deref(),
+                )
+                .await?;
+                let (before, after) = jobs::rss_around(
+                    &fresh,
+                    &names,
+                    method.name(),
+                    method.spec(0),
+                    args.method_jobs,
+                )
+                .await?;
+                measured.push(MethodJobs {
+                    method,
+                    num_classes: methods::CLASSES,
+                    jobs: args.method_jobs,
+                    rss_before_bytes: before,
+                    rss_after_bytes: after,
+                    bytes_per_job: jobs::per_job(before, after, args.method_jobs),
+                });
+            }
+            MethodJobsOutcome::Measured { methods: measured }
         });
     }
     report.checks = checks(&report);
@@ -376,6 +473,85 @@ fn ms(latency: &stats::Latency) -> String {
     format!("{:.3} / {:.3}", latency.p50_ms, latency.p99_ms)
 }
 
+/// One small report: `heading` says what was sent, `name` and `short` label its rows and
+/// columns (the health check's are the same in every report).
+fn small_table(out: &mut String, heading: &str, name: &str, short: &str, small: &SmallReport) {
+    let _ = writeln!(
+        out,
+        "\n{heading} vs grpc.health.v1.Health/Check; p50 / p99 in ms; server CPU per request, \
+         {name} / health"
+    );
+    let _ = writeln!(
+        out,
+        "{:>5} {:>12} {:>17} {:>12} {:>17} {:>7} {:>15}",
+        "conc",
+        format!("{short} req/s"),
+        format!("{short} p50/p99"),
+        "health req/s",
+        "health p50/p99",
+        "ratio",
+        "srv cpu us/req"
+    );
+    for p in &small.points {
+        let cpu = match (
+            p.histogram.server_cpu_us_per_request,
+            p.health.server_cpu_us_per_request,
+        ) {
+            (Some(histogram), Some(health)) => format!("{histogram:.0} / {health:.0}"),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>5} {:>12.0} {:>17} {:>12.0} {:>17} {:>7.3} {:>15}",
+            p.concurrency,
+            p.histogram.requests_per_second,
+            ms(&p.histogram.latency),
+            p.health.requests_per_second,
+            ms(&p.health.latency),
+            p.ratio,
+            cpu
+        );
+    }
+    let half = &small.half_rate;
+    let _ = writeln!(
+        out,
+        "saturation: {:.0} req/s at concurrency {}; then an open loop at half that rate, \
+         p50 / p99 in ms; late: the generator's own delay against its schedule; run-queue \
+         wait: time the threads were runnable without a core, per request",
+        small.saturating_rate, small.saturating_concurrency
+    );
+    let _ = writeln!(
+        out,
+        "{:>9} {:>10} {:>10} {:>17} {:>17} {:>20}",
+        "", "sent/s", "answered/s", "p50/p99", "late p50/p99", "wait us srv / client"
+    );
+    for (name, paced) in [(name, &half.histogram), ("health", &half.health)] {
+        let _ = writeln!(
+            out,
+            "{:>9} {:>10.0} {:>10.0} {:>17} {:>17} {:>20}",
+            name,
+            paced.target_rate,
+            paced.achieved_rate,
+            ms(&paced.latency),
+            ms(&paced.send_lateness),
+            format!(
+                "{} / {}",
+                optional(paced.server_runqueue_wait_us_per_request, 1),
+                optional(paced.client_runqueue_wait_us_per_request, 1)
+            )
+        );
+    }
+}
+
+fn memory_line(out: &mut String, what: &str, before: u64, after: u64, bytes_per_job: f64) {
+    let _ = writeln!(
+        out,
+        "\n{what}: RSS {:.1} MiB -> {:.1} MiB, {bytes_per_job:.0} bytes per job",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+    );
+}
+
 /// The report for a person: one section per mode, then the targets.
 fn table(report: &Report) -> String {
     let mut out = String::new();
@@ -424,72 +600,16 @@ fn table(report: &Report) -> String {
         }
     }
     if let Some(small) = &report.small {
-        let _ = writeln!(
-            out,
-            "\nsmall: histogram requests (bins {}) vs grpc.health.v1.Health/Check; p50 / p99 in \
-             ms; server CPU per request, histogram / health",
-            small::BINS
+        let heading = format!("small: histogram requests (bins {})", small::BINS);
+        small_table(&mut out, &heading, "histogram", "hist", small);
+    }
+    for method in report.small_methods.iter().flatten() {
+        let heading = format!(
+            "small, {} (C = {}): its steps",
+            method.method.name(),
+            method.num_classes
         );
-        let _ = writeln!(
-            out,
-            "{:>5} {:>12} {:>17} {:>12} {:>17} {:>7} {:>15}",
-            "conc",
-            "hist req/s",
-            "hist p50/p99",
-            "health req/s",
-            "health p50/p99",
-            "ratio",
-            "srv cpu us/req"
-        );
-        for p in &small.points {
-            let cpu = match (
-                p.histogram.server_cpu_us_per_request,
-                p.health.server_cpu_us_per_request,
-            ) {
-                (Some(histogram), Some(health)) => format!("{histogram:.0} / {health:.0}"),
-                _ => "-".to_owned(),
-            };
-            let _ = writeln!(
-                out,
-                "{:>5} {:>12.0} {:>17} {:>12.0} {:>17} {:>7.3} {:>15}",
-                p.concurrency,
-                p.histogram.requests_per_second,
-                ms(&p.histogram.latency),
-                p.health.requests_per_second,
-                ms(&p.health.latency),
-                p.ratio,
-                cpu
-            );
-        }
-        let half = &small.half_rate;
-        let _ = writeln!(
-            out,
-            "saturation: {:.0} req/s at concurrency {}; then an open loop at half that rate, \
-             p50 / p99 in ms; late: the generator's own delay against its schedule; run-queue \
-             wait: time the threads were runnable without a core, per request",
-            small.saturating_rate, small.saturating_concurrency
-        );
-        let _ = writeln!(
-            out,
-            "{:>9} {:>10} {:>10} {:>17} {:>17} {:>20}",
-            "", "sent/s", "answered/s", "p50/p99", "late p50/p99", "wait us srv / client"
-        );
-        for (name, paced) in [("histogram", &half.histogram), ("health", &half.health)] {
-            let _ = writeln!(
-                out,
-                "{:>9} {:>10.0} {:>10.0} {:>17} {:>17} {:>20}",
-                name,
-                paced.target_rate,
-                paced.achieved_rate,
-                ms(&paced.latency),
-                ms(&paced.send_lateness),
-                format!(
-                    "{} / {}",
-                    optional(paced.server_runqueue_wait_us_per_request, 1),
-                    optional(paced.client_runqueue_wait_us_per_request, 1)
-                )
-            );
-        }
+        small_table(&mut out, &heading, "step", "step", &method.report);
     }
     match &report.steps {
         Some(steps::StepsReport::Measured { points }) => {
@@ -544,20 +664,71 @@ fn table(report: &Report) -> String {
     }
     match &report.jobs {
         Some(JobsOutcome::Measured(jobs)) => {
-            let _ = writeln!(
-                out,
-                "\njobs: {} idle jobs (bins {}): RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes per job",
-                jobs.jobs,
-                jobs.bins,
-                jobs.rss_before_bytes as f64 / 1048576.0,
-                jobs.rss_after_bytes as f64 / 1048576.0,
-                jobs.bytes_per_job
+            let what = format!("jobs: {} idle jobs (bins {})", jobs.jobs, jobs.bins);
+            memory_line(
+                &mut out,
+                &what,
+                jobs.rss_before_bytes,
+                jobs.rss_after_bytes,
+                jobs.bytes_per_job,
             );
         }
         Some(JobsOutcome::Skipped { reason }) => {
             let _ = writeln!(out, "\njobs: skipped ({reason})");
         }
         None => {}
+    }
+    match &report.jobs_methods {
+        Some(MethodJobsOutcome::Measured { methods }) => {
+            for jobs in methods {
+                let what = format!(
+                    "jobs, {} (C = {}): {} idle jobs",
+                    jobs.method.name(),
+                    jobs.num_classes,
+                    jobs.jobs
+                );
+                memory_line(
+                    &mut out,
+                    &what,
+                    jobs.rss_before_bytes,
+                    jobs.rss_after_bytes,
+                    jobs.bytes_per_job,
+                );
+            }
+        }
+        Some(MethodJobsOutcome::Skipped { reason }) => {
+            let _ = writeln!(out, "\njobs-methods: skipped ({reason})");
+        }
+        None => {}
+    }
+    if let Some(overlap) = &report.eqlv2_overlap {
+        let _ = writeln!(
+            out,
+            "\neqlv2 overlap (C = {}): {} steps of a {:.1} ms forward pass; ms per step",
+            overlap.num_classes, overlap.steps, overlap.forward_ms
+        );
+        let _ = writeln!(
+            out,
+            "{:>14} {:>11} {:>11} {:>17}",
+            "forward alone", "sequential", "overlapped", "round trip p50/p99"
+        );
+        let _ = writeln!(
+            out,
+            "{:>14.3} {:>11.3} {:>11.3} {:>17}",
+            overlap.forward_alone_ms_per_step,
+            overlap.sequential_ms_per_step,
+            overlap.overlapped_ms_per_step,
+            ms(&overlap.round_trip)
+        );
+        let _ = writeln!(
+            out,
+            "overhead per step: sequential {:.3} ms, overlapped {:.3} ms, ratio {:.3}; step time \
+             overlapped / sequential {:.3}",
+            overlap.sequential_overhead_ms,
+            overlap.overlapped_overhead_ms,
+            overlap.overhead_ratio,
+            overlap.step_time_ratio
+        );
     }
     if !report.checks.is_empty() {
         let _ = writeln!(out, "\ntargets:");

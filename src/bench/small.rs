@@ -1,6 +1,7 @@
 //! `small`: histogram requests (bins 30) at rising concurrency until the rate stops growing,
 //! each level against `grpc.health.v1.Health/Check` on the same server over the same
-//! connections; then the latency at half the saturating rate, sent at a steady pace.
+//! connections; then the latency at half the saturating rate, sent at a steady pace. The same
+//! climb serves `small-methods` (`methods.rs`), with another job spec and input: a [`Workload`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,11 +14,11 @@ use tonic_health::pb::health_client::HealthClient;
 use super::raw::cpu_used;
 use super::stats::{Call, Latency, Run, closed_loop};
 use super::target::{Target, runqueue_wait};
-use super::{BenchError, JobNames, create_job, rpc};
+use super::{BenchError, JobNames, create_job_with, ghm_spec, rpc};
 use ghmd::client::Transport;
 use ghmd::proto::harmonize_request::Input;
 use ghmd::proto::harmonizer_client::HarmonizerClient;
-use ghmd::proto::{HarmonizeRequest, Histogram, Loss};
+use ghmd::proto::{HarmonizeRequest, HarmonizeResponse, Histogram, JobSpec, Loss};
 
 /// HTTP/2 connections the requests are spread over, for both services.
 pub const CONNECTIONS: usize = 4;
@@ -89,17 +90,65 @@ pub struct HalfRate {
     pub health: Paced,
 }
 
+/// What a small request is: the job it goes to, the input it carries, and what a well-formed
+/// answer to it looks like (a server that answers something else is not measured).
+#[derive(Clone)]
+pub struct Workload {
+    /// The job ids' infix, so that the jobs of two workloads never collide.
+    pub name: &'static str,
+    pub spec: JobSpec,
+    pub input: Input,
+    pub check: fn(&HarmonizeResponse) -> Result<(), String>,
+}
+
+fn ghm_bin_weights(response: &HarmonizeResponse) -> Result<(), String> {
+    if response.bin_weights.len() == BINS as usize {
+        Ok(())
+    } else {
+        Err(format!(
+            "Harmonize returned {} bin weights for {BINS} bins",
+            response.bin_weights.len()
+        ))
+    }
+}
+
+/// The GHM-C histogram of the `small` mode.
+pub fn histogram_workload() -> Workload {
+    let histogram = super::data::realistic_histogram(BINS as usize, 100_000, 2);
+    Workload {
+        name: "small",
+        spec: ghm_spec(Loss::GhmC, BINS, 0),
+        input: Input::Histogram(Histogram {
+            counts: histogram.counts,
+            tot: histogram.tot,
+        }),
+        check: ghm_bin_weights,
+    }
+}
+
 pub async fn run(
     target: &Target,
     names: &JobNames,
     max_concurrency: usize,
     duration: Duration,
 ) -> Result<SmallReport, BenchError> {
-    let histogram = super::data::realistic_histogram(BINS as usize, 100_000, 2);
-    let histogram = Histogram {
-        counts: histogram.counts,
-        tot: histogram.tot,
-    };
+    run_workload(
+        target,
+        names,
+        &histogram_workload(),
+        max_concurrency,
+        duration,
+    )
+    .await
+}
+
+pub async fn run_workload(
+    target: &Target,
+    names: &JobNames,
+    workload: &Workload,
+    max_concurrency: usize,
+    duration: Duration,
+) -> Result<SmallReport, BenchError> {
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
         channels.push(target.connect().await?);
@@ -113,23 +162,16 @@ pub async fn run(
     let mut concurrency = 1;
     while concurrency <= max_concurrency.max(1) {
         while jobs.len() < concurrency {
-            let job_id = names.job(&format!("small-{}", jobs.len()));
+            let job_id = names.job(&format!("{}-{}", workload.name, jobs.len()));
             let channel = channels[jobs.len() % CONNECTIONS].clone();
-            create_job(
-                &mut target.harmonizer(channel),
-                &job_id,
-                Loss::GhmC,
-                BINS,
-                0,
-            )
-            .await?;
+            create_job_with(&mut target.harmonizer(channel), &job_id, workload.spec).await?;
             jobs.push(job_id);
         }
-        let histogram_workers: Vec<HistogramWorker> = (0..concurrency)
-            .map(|i| HistogramWorker {
+        let histogram_workers: Vec<StepWorker> = (0..concurrency)
+            .map(|i| StepWorker {
                 client: target.harmonizer(channels[i % CONNECTIONS].clone()),
                 job_id: jobs[i].clone(),
-                histogram: histogram.clone(),
+                workload: workload.clone(),
             })
             .collect();
         let health_workers: Vec<HealthWorker> = (0..concurrency)
@@ -165,11 +207,11 @@ pub async fn run(
         concurrency *= 2;
     }
 
-    let clients: Vec<HistogramWorker> = (0..best.0.max(1))
-        .map(|i| HistogramWorker {
+    let clients: Vec<StepWorker> = (0..best.0.max(1))
+        .map(|i| StepWorker {
             client: target.harmonizer(channels[i % CONNECTIONS].clone()),
             job_id: jobs[i % jobs.len().max(1)].clone(),
-            histogram: histogram.clone(),
+            workload: workload.clone(),
         })
         .collect();
     let health_clients: Vec<HealthWorker> = (0..best.0.max(1))
@@ -259,27 +301,21 @@ async fn paced<W: Call + Clone + Sync>(
 }
 
 #[derive(Clone)]
-struct HistogramWorker {
+struct StepWorker {
     client: HarmonizerClient<Transport>,
     job_id: String,
-    histogram: Histogram,
+    workload: Workload,
 }
 
-impl Call for HistogramWorker {
+impl Call for StepWorker {
     async fn call(&mut self) -> Result<(), BenchError> {
         let request = HarmonizeRequest {
             job_id: self.job_id.clone(),
-            input: Some(Input::Histogram(self.histogram.clone())),
+            input: Some(self.workload.input.clone()),
             ..Default::default()
         };
         let response = rpc("Harmonize", self.client.harmonize(request).await)?;
-        if response.bin_weights.len() != BINS as usize {
-            return Err(BenchError::Answer(format!(
-                "Harmonize returned {} bin weights for {BINS} bins",
-                response.bin_weights.len()
-            )));
-        }
-        Ok(())
+        (self.workload.check)(&response).map_err(BenchError::Answer)
     }
 }
 

@@ -7,7 +7,7 @@
 mod command;
 
 use clap::Parser;
-use command::{BenchArgs, JobsOutcome, StepsReport};
+use command::{BenchArgs, JobsOutcome, MethodJobsOutcome, StepsReport};
 use ghmd::jobs::MAX_WORLD_SIZE;
 
 use crate::support::TestServer;
@@ -141,4 +141,90 @@ async fn a_step_of_the_largest_world_completes_while_another_job_is_served() {
         "the bench deleted its jobs"
     );
     server.stop().await;
+}
+
+/// Seesaw's and EQLv2's modes at C = 1203: the small climb per method against the health
+/// check, and EQLv2's step with its round trip awaited and overlapped; none left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_method_modes_report_against_a_target() {
+    let server = TestServer::start().await;
+    let uri = server.uri();
+    let args = BenchArgs::parse_from([
+        "bench",
+        "--target",
+        uri.as_str(),
+        "--mode",
+        "small-methods,eqlv2-overlap,jobs-methods",
+        "--duration",
+        "200ms",
+        "--max-concurrency",
+        "2",
+        "--forward",
+        "2ms",
+    ]);
+    let report = command::run(&args).await.expect("bench runs");
+    let methods = report.small_methods.as_ref().expect("small-methods ran");
+    assert_eq!(
+        methods.iter().map(|m| m.method.name()).collect::<Vec<_>>(),
+        ["seesaw", "eqlv2"]
+    );
+    for method in methods {
+        assert_eq!(method.num_classes, 1203);
+        let small = &method.report;
+        assert!(!small.points.is_empty() && small.points.len() <= 2);
+        for point in &small.points {
+            assert!(point.histogram.latency.samples > 0, "{point:?}");
+            assert!(point.ratio.is_finite() && point.ratio > 0.0, "{point:?}");
+        }
+        assert!(small.half_rate.histogram.latency.samples > 0);
+    }
+    let overlap = report.eqlv2_overlap.as_ref().expect("eqlv2-overlap ran");
+    assert_eq!((overlap.num_classes, overlap.steps), (1203, 100));
+    assert_eq!(overlap.round_trip.samples, 100);
+    // Every loop spins its forward passes, so no step is shorter than one.
+    for per_step in [
+        overlap.forward_alone_ms_per_step,
+        overlap.sequential_ms_per_step,
+        overlap.overlapped_ms_per_step,
+    ] {
+        assert!(per_step >= 2.0, "{overlap:?}");
+    }
+    assert!(overlap.step_time_ratio.is_finite(), "{overlap:?}");
+    assert!(matches!(
+        report.jobs_methods,
+        Some(MethodJobsOutcome::Skipped { .. })
+    ));
+    assert!(report.checks.is_empty(), "{:?}", report.checks);
+    serde_json::to_string(&report).expect("the report serialises");
+    assert!(
+        server.registry.snapshots().is_empty(),
+        "the bench deleted its jobs"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_target_it_reads_the_memory_of_seesaw_and_eqlv2_jobs() {
+    let args = BenchArgs::parse_from([
+        "bench",
+        "--mode",
+        "jobs-methods",
+        "--method-jobs",
+        "500",
+        "--server-binary",
+        env!("CARGO_BIN_EXE_ghmd"),
+    ]);
+    let report = command::run(&args).await.expect("bench runs");
+    match report.jobs_methods {
+        Some(MethodJobsOutcome::Measured { methods }) => {
+            assert_eq!(methods.len(), 2);
+            for jobs in methods {
+                assert_eq!((jobs.jobs, jobs.num_classes), (500, 1203));
+                assert!(jobs.rss_before_bytes > 0 && jobs.rss_after_bytes > 0);
+                assert!(jobs.bytes_per_job.is_finite(), "{jobs:?}");
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(report.jobs.is_none() && report.small.is_none());
 }

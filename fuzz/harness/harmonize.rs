@@ -112,8 +112,8 @@ fn empty_input(spec: &JobSpec) -> Input {
             labels: Vec::new(),
         }),
         Some(job_spec::Method::Eqlv2(eqlv2)) => Input::Eqlv2(Eqlv2Contribution {
-            pos_grad: vec![0; eqlv2.num_classes as usize * 4],
-            neg_grad: vec![0; eqlv2.num_classes as usize * 4],
+            pos_grad: vec![0; eqlv2.num_classes as usize * 4].into(),
+            neg_grad: vec![0; eqlv2.num_classes as usize * 4].into(),
         }),
     }
 }

@@ -70,8 +70,8 @@ impl Method {
             Self::Eqlv2 => {
                 let (pos_grad, neg_grad) = eqlv2_grads(&mut rng);
                 Input::Eqlv2(Eqlv2Contribution {
-                    pos_grad: f32s_to_bytes(&pos_grad).to_vec(),
-                    neg_grad: f32s_to_bytes(&neg_grad).to_vec(),
+                    pos_grad: f32s_to_bytes(&pos_grad),
+                    neg_grad: f32s_to_bytes(&neg_grad),
                 })
             }
         }

@@ -73,8 +73,8 @@ fn method_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let grads = |pos_grad: &[f32], neg_grad: &[f32]| {
         Input::Eqlv2(Eqlv2Contribution {
-            pos_grad: f32s_to_bytes(pos_grad).to_vec(),
-            neg_grad: f32s_to_bytes(neg_grad).to_vec(),
+            pos_grad: f32s_to_bytes(pos_grad),
+            neg_grad: f32s_to_bytes(neg_grad),
         })
     };
     let seed = |selector: u8, prefix: Option<Vec<u8>>, request: HarmonizeRequest| {

@@ -97,8 +97,8 @@ fn labels_input(labels: &[i64]) -> Input {
 
 fn grads_input(pos_grad: &[f32], neg_grad: &[f32]) -> Input {
     Input::Eqlv2(Eqlv2Contribution {
-        pos_grad: f32s_to_bytes(pos_grad).into(),
-        neg_grad: f32s_to_bytes(neg_grad).into(),
+        pos_grad: f32s_to_bytes(pos_grad),
+        neg_grad: f32s_to_bytes(neg_grad),
     })
 }
 
@@ -107,7 +107,10 @@ fn grad_input(contribution: &GradContribution) -> Input {
 }
 
 fn raw_grads_input(pos_grad: Vec<u8>, neg_grad: Vec<u8>) -> Input {
-    Input::Eqlv2(Eqlv2Contribution { pos_grad, neg_grad })
+    Input::Eqlv2(Eqlv2Contribution {
+        pos_grad: pos_grad.into(),
+        neg_grad: neg_grad.into(),
+    })
 }
 
 /// The state a response carries, as a JobState's `method_state` (the same messages).
@@ -758,7 +761,7 @@ async fn bad_seesaw_inputs_name_the_field_and_index_and_change_nothing() {
                 label_counts: vec![1; 6],
                 labels: vec![0],
             }),
-            vec!["seesaw.label_counts", "seesaw.labels"],
+            vec!["seesaw has both label_counts (6 entries) and labels (1)"],
         ),
         (
             "EQLv2's input",
@@ -1087,8 +1090,8 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             vec!["spec.eqlv2.alpha = -inf"],
         ),
     ];
-    for (context, spec, needles) in cases {
-        let job_id = format!("spec/{context}");
+    for (index, (context, spec, needles)) in cases.into_iter().enumerate() {
+        let job_id = format!("spec/{index}");
         assert_status(
             client.create_job(&job_id, spec).await,
             Code::InvalidArgument,

@@ -243,6 +243,8 @@ fn every_saved_snapshot_load_input_passes_the_harness() {
             "seed-no-jobs" | "seed-no-jobs-whole-file" => Some(0),
             "seed-one-job" | "seed-one-job-whole-file" => Some(1),
             "seed-three-jobs" | "seed-three-jobs-whole-file" => Some(2),
+            // tests/data/state-v3.ghmd: a Seesaw and an EQLv2 job, and a step-synchronous one.
+            "seed-methods-v3" | "seed-methods-v3-whole-file" => Some(2),
             _ => None,
         };
         if let Some(weighed) = expected {

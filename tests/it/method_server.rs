@@ -1711,3 +1711,148 @@ async fn metrics_carry_a_loss_series_per_method() {
     );
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// (d) The state file of format 3, as this version writes it.
+
+const STATE_V3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/state-v3.ghmd");
+
+/// The jobs of tests/data/state-v3.ghmd under `prefix`, with their steps: what wrote the file,
+/// and what a test replays to compare the loaded jobs with.
+async fn state_v3_jobs(server: &TestServer, prefix: &str) {
+    let mut client = server.client().await;
+    let seesaw = with_seesaw(SeesawSpec {
+        num_classes: 5,
+        p: Some(0.5),
+        ..Default::default()
+    });
+    let seesaw_id = format!("{prefix}v3-seesaw");
+    client.create_job(&seesaw_id, seesaw).await.expect("create");
+    for (step, input) in [
+        labels_input(&[0, 5, 5, 2]),
+        counts_input(&[1 << 24, 0, 0, 0, 0, 1]),
+        labels_input(&[3, 3, 0]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let request = step_request(&seesaw_id, step as u64, 0, input);
+        client.harmonize(request).await.expect("step");
+    }
+    let eqlv2_id = format!("{prefix}v3-eqlv2");
+    client
+        .create_job(&eqlv2_id, eqlv2_spec(4))
+        .await
+        .expect("create");
+    for (step, (pos, neg)) in [
+        ([0.5f32, 0.0, 1.25, 3.0], [2.0f32, 4.5, 0.0, 1.0]),
+        ([1e-3, 7.0, 0.0, 0.0], [0.1, 0.1, 9.0, 0.0]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let request = step_request(&eqlv2_id, step as u64, 0, grads_input(&pos, &neg));
+        client.harmonize(request).await.expect("step");
+    }
+    let sync_id = format!("{prefix}v3-eqlv2-sync");
+    client
+        .create_job_for_run(&sync_id, with_world(eqlv2_spec(3), 2), "run-v3")
+        .await
+        .expect("create");
+    for step in 0..2u64 {
+        let requests = (0..2u32)
+            .map(|rank| {
+                let value = (step as f32 + 1.0) * (rank as f32 + 0.5);
+                step_request(
+                    &sync_id,
+                    step,
+                    rank,
+                    grads_input(&[value, 0.0, 0.25], &[1.0, value, 0.0]),
+                )
+            })
+            .collect();
+        all_ok(step_in_order(server, requests, &[1, 0]).await);
+    }
+}
+
+/// `GHMD_WRITE_STATE_FIXTURE=1` writes tests/data/state-v3.ghmd (and the snapshot_load fuzz
+/// seeds made of it) from a server of this version; without it the test loads the committed
+/// file and compares every job with the same jobs replayed on the server that loaded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_of_format_3_loads_its_seesaw_and_eqlv2_jobs() {
+    if std::env::var_os("GHMD_WRITE_STATE_FIXTURE").is_some() {
+        write_state_v3().await;
+    }
+    let dir = TempDir::new("state-v3");
+    std::fs::copy(STATE_V3, dir.path().join(ghmd::persist::STATE_FILE)).expect("copy the fixture");
+    let bytes = std::fs::read(STATE_V3).expect("the fixture");
+    assert_eq!(&bytes[..ghmd::persist::MAGIC.len()], ghmd::persist::MAGIC);
+    let version = &bytes[ghmd::persist::MAGIC.len()..ghmd::persist::MAGIC.len() + 4];
+    assert_eq!(version, 3u32.to_le_bytes(), "a file of format 3");
+
+    let data_dir = dir.path().to_owned();
+    let server = TestServer::start_with(move |config| {
+        config.in_memory = false;
+        config.data_dir = data_dir;
+    })
+    .await;
+    state_v3_jobs(&server, "replay/").await;
+    let mut client = server.client().await;
+    for name in ["v3-seesaw", "v3-eqlv2", "v3-eqlv2-sync"] {
+        let loaded = client
+            .get_job(&format!("fixture/{name}"))
+            .await
+            .expect("loaded");
+        let replayed = client
+            .get_job(&format!("replay/{name}"))
+            .await
+            .expect("replayed");
+        let (a, b) = (loaded.state.expect("state"), replayed.state.expect("state"));
+        assert_eq!(
+            state_bits(&stored_state(&a)),
+            state_bits(&stored_state(&b)),
+            "{name}: the state"
+        );
+        assert_eq!(a, b, "{name}: the counters and lineage");
+        assert_eq!(loaded.spec, replayed.spec, "{name}: the spec");
+        assert_eq!(loaded.run_id, replayed.run_id, "{name}: the run id");
+    }
+    // It steps on: the loaded step-synchronous job takes step 2 of both ranks.
+    let requests = (0..2u32)
+        .map(|rank| {
+            step_request(
+                "fixture/v3-eqlv2-sync",
+                2,
+                rank,
+                grads_input(&[1.0; 3], &[1.0; 3]),
+            )
+        })
+        .collect();
+    let responses = all_ok(step_in_order(&server, requests, &[0, 1]).await);
+    assert_eq!((responses[0].steps, responses[0].next_step), (3, 3));
+    server.stop().await;
+}
+
+async fn write_state_v3() {
+    let dir = TempDir::new("write-state-v3");
+    let data_dir = dir.path().to_owned();
+    let server = TestServer::start_with(move |config| {
+        config.in_memory = false;
+        config.data_dir = data_dir;
+    })
+    .await;
+    state_v3_jobs(&server, "fixture/").await;
+    server.stop().await;
+    let file = std::fs::read(dir.path().join(ghmd::persist::STATE_FILE)).expect("the snapshot");
+    std::fs::write(STATE_V3, &file).expect("write the fixture");
+    // The snapshot_load target's seeds: the payload behind a header the harness writes (an
+    // even selector), and the whole file (an odd one).
+    let seeds =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/snapshot_load");
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(&file[ghmd::persist::HEADER_LEN..]);
+    std::fs::write(seeds.join("seed-methods-v3"), payload).expect("write the seed");
+    let mut whole = vec![1u8];
+    whole.extend_from_slice(&file);
+    std::fs::write(seeds.join("seed-methods-v3-whole-file"), whole).expect("write the seed");
+}

@@ -5,13 +5,17 @@
 //! A forward pass is simulated by a thread that spins for `--forward` (a trainer's thread is
 //! busy for that long launching kernels and waiting on them); the round trip is a real
 //! Harmonize of two vectors of C = 1203 float32 to an EQLv2 job. Three loops of the same number
-//! of steps:
+//! of steps, interleaved in blocks so that a shared machine's load falls on all three alike:
 //! - forward alone: the baseline, what the step takes without ghmd;
 //! - sequential: forward, then the round trip, awaited;
 //! - overlapped: forward while the previous step's round trip is in flight, then its answer
 //!   awaited, then this step's contribution sent.
 //!
-//! A step's overhead is its time minus the baseline's; the ratio is overlapped over sequential.
+//! The figure that matters is the wait: how long the training step stood still for ghmd after
+//! its forward pass (sequential: the whole round trip; overlapped: what was left of it). Its
+//! ratio, overlapped over sequential, is 0 when the round trip is hidden entirely. The loops'
+//! times per step are given beside it, though a loaded machine's scheduling blurs them by more
+//! than a round trip.
 
 use std::time::{Duration, Instant};
 
@@ -28,23 +32,27 @@ use ghmd::proto::harmonizer_client::HarmonizerClient;
 /// Steps each loop runs at least and at most, whatever `--duration` and `--forward` say.
 const MIN_STEPS: u64 = 20;
 const MAX_STEPS: u64 = 10_000;
+/// Steps of one loop before the next loop's turn.
+const BLOCK: u64 = 10;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct OverlapReport {
     pub num_classes: u32,
     pub forward_ms: f64,
     pub steps: u64,
+    /// How long each step of the sequential loop waited for ghmd after its forward pass: the
+    /// round trip.
+    pub sequential_wait: Latency,
+    pub sequential_wait_mean_ms: f64,
+    /// The same in the overlapped loop: what was left of the previous step's round trip.
+    pub overlapped_wait: Latency,
+    pub overlapped_wait_mean_ms: f64,
+    /// Overlapped mean wait over sequential mean wait: 0 means the round trip is hidden.
+    pub wait_ratio: f64,
     /// Each loop's time per step.
     pub forward_alone_ms_per_step: f64,
     pub sequential_ms_per_step: f64,
     pub overlapped_ms_per_step: f64,
-    /// The round trips of the sequential loop, each on its own.
-    pub round_trip: Latency,
-    /// Time per step beyond the forward pass alone.
-    pub sequential_overhead_ms: f64,
-    pub overlapped_overhead_ms: f64,
-    /// Overlapped overhead over sequential overhead: 0 means the round trip is hidden entirely.
-    pub overhead_ratio: f64,
     /// Overlapped step time over sequential step time.
     pub step_time_ratio: f64,
 }
@@ -83,6 +91,72 @@ impl Trainer {
     }
 }
 
+/// What the loops measured so far.
+#[derive(Default)]
+struct Loops {
+    alone: Duration,
+    sequential: Duration,
+    overlapped: Duration,
+    sequential_waits: Vec<Duration>,
+    overlapped_waits: Vec<Duration>,
+}
+
+type InFlight = tokio::task::JoinHandle<Result<Duration, BenchError>>;
+
+async fn landed(in_flight: InFlight) -> Result<(), BenchError> {
+    in_flight
+        .await
+        .map_err(|e| BenchError::Task(e.to_string()))?
+        .map(|_| ())
+}
+
+impl Loops {
+    async fn block(
+        &mut self,
+        trainers: &[Trainer],
+        steps: std::ops::Range<u64>,
+        forward: Duration,
+    ) -> Result<(), BenchError> {
+        let start = Instant::now();
+        for _ in steps.clone() {
+            forward_pass(forward).await?;
+        }
+        self.alone += start.elapsed();
+
+        let start = Instant::now();
+        for step in steps.clone() {
+            forward_pass(forward).await?;
+            self.sequential_waits
+                .push(trainers[0].clone().round_trip(step).await?);
+        }
+        self.sequential += start.elapsed();
+
+        let start = Instant::now();
+        let mut in_flight: Option<InFlight> = None;
+        for step in steps {
+            forward_pass(forward).await?;
+            // This step's loss needs the previous step's answer.
+            let waiting = Instant::now();
+            if let Some(previous) = in_flight.take() {
+                landed(previous).await?;
+            }
+            self.overlapped_waits.push(waiting.elapsed());
+            in_flight = Some(tokio::spawn(trainers[1].clone().round_trip(step)));
+        }
+        // The block's last answer lands before the next loop's turn, as the first step of the
+        // next block needs it.
+        if let Some(last) = in_flight {
+            landed(last).await?;
+        }
+        self.overlapped += start.elapsed();
+        Ok(())
+    }
+}
+
+fn mean_ms(waits: &[Duration]) -> f64 {
+    waits.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / waits.len().max(1) as f64
+}
+
 pub async fn run(
     target: &Target,
     names: &JobNames,
@@ -91,7 +165,8 @@ pub async fn run(
 ) -> Result<OverlapReport, BenchError> {
     let steps = u64::try_from(duration.as_nanos() / forward.as_nanos().max(1))
         .unwrap_or(MAX_STEPS)
-        .clamp(MIN_STEPS, MAX_STEPS);
+        .clamp(MIN_STEPS, MAX_STEPS)
+        .next_multiple_of(BLOCK);
     let mut client = target.harmonizer(target.connect().await?);
     let mut trainers = Vec::new();
     for name in ["overlap-sequential", "overlap-overlapped"] {
@@ -106,56 +181,31 @@ pub async fn run(
     for trainer in &trainers {
         trainer.clone().round_trip(0).await?;
     }
-
-    let start = Instant::now();
-    for _ in 0..steps {
-        forward_pass(forward).await?;
+    let mut loops = Loops::default();
+    for first in (1..=steps).step_by(BLOCK as usize) {
+        loops
+            .block(&trainers, first..first + BLOCK, forward)
+            .await?;
     }
-    let alone = start.elapsed();
-
-    let sequential = &trainers[0];
-    let mut round_trips = Vec::with_capacity(steps as usize);
-    let start = Instant::now();
-    for step in 1..=steps {
-        forward_pass(forward).await?;
-        round_trips.push(sequential.clone().round_trip(step).await?);
-    }
-    let sequential_time = start.elapsed();
-
-    let overlapped = &trainers[1];
-    let start = Instant::now();
-    let mut in_flight: Option<tokio::task::JoinHandle<Result<Duration, BenchError>>> = None;
-    for step in 1..=steps {
-        forward_pass(forward).await?;
-        // This step's loss needs the previous step's answer.
-        if let Some(previous) = in_flight.take() {
-            previous
-                .await
-                .map_err(|e| BenchError::Task(e.to_string()))??;
-        }
-        in_flight = Some(tokio::spawn(overlapped.clone().round_trip(step)));
-    }
-    if let Some(last) = in_flight {
-        last.await.map_err(|e| BenchError::Task(e.to_string()))??;
-    }
-    let overlapped_time = start.elapsed();
 
     let per_step = |time: Duration| time.as_secs_f64() * 1e3 / steps as f64;
-    let alone_ms = per_step(alone);
-    let (sequential_ms, overlapped_ms) = (per_step(sequential_time), per_step(overlapped_time));
-    let (sequential_overhead, overlapped_overhead) =
-        (sequential_ms - alone_ms, overlapped_ms - alone_ms);
+    let (sequential_ms, overlapped_ms) = (per_step(loops.sequential), per_step(loops.overlapped));
+    let (sequential_mean, overlapped_mean) = (
+        mean_ms(&loops.sequential_waits),
+        mean_ms(&loops.overlapped_waits),
+    );
     Ok(OverlapReport {
         num_classes: CLASSES,
         forward_ms: forward.as_secs_f64() * 1e3,
         steps,
-        forward_alone_ms_per_step: alone_ms,
+        sequential_wait: Latency::of(&mut loops.sequential_waits),
+        sequential_wait_mean_ms: sequential_mean,
+        overlapped_wait: Latency::of(&mut loops.overlapped_waits),
+        overlapped_wait_mean_ms: overlapped_mean,
+        wait_ratio: overlapped_mean / sequential_mean,
+        forward_alone_ms_per_step: per_step(loops.alone),
         sequential_ms_per_step: sequential_ms,
         overlapped_ms_per_step: overlapped_ms,
-        round_trip: Latency::of(&mut round_trips),
-        sequential_overhead_ms: sequential_overhead,
-        overlapped_overhead_ms: overlapped_overhead,
-        overhead_ratio: overlapped_overhead / sequential_overhead,
         step_time_ratio: overlapped_ms / sequential_ms,
     })
 }

@@ -180,7 +180,12 @@ async fn the_method_modes_report_against_a_target() {
     }
     let overlap = report.eqlv2_overlap.as_ref().expect("eqlv2-overlap ran");
     assert_eq!((overlap.num_classes, overlap.steps), (1203, 100));
-    assert_eq!(overlap.round_trip.samples, 100);
+    assert_eq!(overlap.sequential_wait.samples, 100);
+    assert_eq!(overlap.overlapped_wait.samples, 100);
+    assert!(
+        overlap.wait_ratio.is_finite() && overlap.wait_ratio >= 0.0,
+        "{overlap:?}"
+    );
     // Every loop spins its forward passes, so no step is shorter than one.
     for per_step in [
         overlap.forward_alone_ms_per_step,

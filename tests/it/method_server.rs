@@ -1856,3 +1856,73 @@ async fn write_state_v3() {
     whole.extend_from_slice(&file);
     std::fs::write(seeds.join("seed-methods-v3-whole-file"), whole).expect("write the seed");
 }
+
+/// The file of the previous format (before Seesaw and EQLv2) loads on this version as it was
+/// written (tests/data/state-v2.md lists what GetJob said then), and its jobs step on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_of_format_2_still_loads_and_steps_on() {
+    let dir = TempDir::new("state-v2");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/state-v2.ghmd"),
+        dir.path().join(ghmd::persist::STATE_FILE),
+    )
+    .expect("copy the fixture");
+    let data_dir = dir.path().to_owned();
+    let server = TestServer::start_with(move |config| {
+        config.in_memory = false;
+        config.data_dir = data_dir;
+    })
+    .await;
+    let mut client = server.client().await;
+    let sync = client.get_job("fixture/v2-sync").await.expect("loaded");
+    let state = sync.state.expect("state");
+    assert_eq!(
+        (
+            state.steps,
+            state.elements,
+            state.next_step,
+            state.generation
+        ),
+        (3, 15, 3, 1)
+    );
+    assert_eq!(sync.run_id, "run-v2");
+    assert!(state.method_state.is_none(), "a GHM job");
+    let momentum_once = 0.578125f32;
+    assert_eq!(
+        bits(&state.acc_sum),
+        bits(&[
+            0.0,
+            momentum_once,
+            momentum_once,
+            momentum_once,
+            0.0,
+            momentum_once,
+            0.0,
+            0.0,
+            0.0,
+            momentum_once
+        ])
+    );
+    let r#async = job_state(&mut client, "fixture/v2-async").await;
+    assert_eq!(
+        (r#async.steps, r#async.elements, r#async.generation),
+        (1, 15, 2)
+    );
+    let requests = [vec![0.2f32, 0.3], vec![0.1, 0.5, 0.9]]
+        .iter()
+        .enumerate()
+        .map(|(rank, norms)| HarmonizeRequest {
+            rank: rank as u32,
+            ..step_request(
+                "fixture/v2-sync",
+                3,
+                0,
+                Input::GradientNorms(f32s_to_bytes(norms)),
+            )
+        })
+        .collect();
+    let responses = all_ok(step_in_order(&server, requests, &[1, 0]).await);
+    assert_eq!((responses[0].steps, responses[0].generation), (4, 1));
+    assert!(responses[0].method_state.is_none());
+    server.stop().await;
+}

@@ -27,6 +27,31 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Jobs a started server accepts: the memory measurement creates 100,000 by default.
 const MAX_JOBS: u64 = 10_000_000;
 
+/// The flag of one caller's share of the requests in flight. The bench is one peer standing in
+/// for many callers: on a server it starts, its share is the whole server's, so that an open
+/// loop on a loaded machine, whose queue grows past the default share of 512 when the server
+/// stalls, measures the stall instead of failing; unless `--server-arg` sets it.
+const CALLER_SHARE_FLAG: &str = "--caller-max-concurrent-requests";
+
+fn caller_share(extra_args: &[String]) -> Option<String> {
+    let given = extra_args
+        .iter()
+        .any(|arg| arg.starts_with(CALLER_SHARE_FLAG));
+    // The started server reads the same environment, so its defaults are these.
+    let server_wide = extra_args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--max-concurrent-requests="))
+        .map_or_else(
+            || {
+                ghmd::config::ServeConfig::from_env()
+                    .max_concurrent_requests
+                    .to_string()
+            },
+            str::to_owned,
+        );
+    (!given).then(|| format!("{CALLER_SHARE_FLAG}={server_wide}"))
+}
+
 /// A server to measure, and the way to reach it.
 pub struct Target {
     pub uri: String,
@@ -206,6 +231,7 @@ impl StartedServer {
             .arg("--in-memory")
             .arg(format!("--max-jobs={MAX_JOBS}"))
             .arg(format!("--caller-max-jobs={MAX_JOBS}"))
+            .args(caller_share(extra_args))
             .args(extra_args)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())

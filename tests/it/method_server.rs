@@ -20,56 +20,12 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::request::job_state;
-use crate::support::spec::step_synchronous;
-use crate::support::vectors::{Eqlv2Case, SeesawCase, cases_named, f32s};
+use crate::support::spec::{eqlv2, seesaw, step_synchronous, with_eqlv2, with_seesaw, with_world};
+use crate::support::vectors::{Eqlv2Case, SeesawCase, eqlv2_cases, f32s, seesaw_cases};
 use crate::support::{Draw, Ghmd, SplitMix, TempDir, TestServer, assert_status, bits, ghm_c};
 
 // ---------------------------------------------------------------------------------------------
 // Specs, requests and states as the tests write them.
-
-fn seesaw_spec(num_classes: u32) -> JobSpec {
-    JobSpec {
-        method: Some(job_spec::Method::Seesaw(SeesawSpec {
-            num_classes,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-fn eqlv2_spec(num_classes: u32) -> JobSpec {
-    JobSpec {
-        method: Some(job_spec::Method::Eqlv2(Eqlv2Spec {
-            num_classes,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-fn seesaw_case_spec(case: &SeesawCase) -> JobSpec {
-    JobSpec {
-        method: Some(job_spec::Method::Seesaw(SeesawSpec {
-            num_classes: case.num_classes,
-            p: Some(case.p),
-            q: Some(case.q),
-            eps: Some(case.eps),
-        })),
-        ..Default::default()
-    }
-}
-
-fn eqlv2_case_spec(case: &Eqlv2Case) -> JobSpec {
-    JobSpec {
-        method: Some(job_spec::Method::Eqlv2(Eqlv2Spec {
-            num_classes: case.num_classes,
-            gamma: Some(case.gamma),
-            mu: Some(case.mu),
-            alpha: Some(case.alpha),
-        })),
-        ..Default::default()
-    }
-}
 
 fn step_request(job_id: &str, step: u64, rank: u32, input: Input) -> HarmonizeRequest {
     HarmonizeRequest {
@@ -188,18 +144,6 @@ async fn assert_state(
 // ---------------------------------------------------------------------------------------------
 // (a) Every vector step through a real server.
 
-fn seesaw_cases() -> Vec<SeesawCase> {
-    let cases: Vec<SeesawCase> = cases_named("seesaw_");
-    assert!(cases.len() >= 2, "Seesaw conformance vectors missing");
-    cases
-}
-
-fn eqlv2_cases() -> Vec<Eqlv2Case> {
-    let cases: Vec<Eqlv2Case> = cases_named("eqlv2_");
-    assert!(!cases.is_empty(), "EQLv2 conformance vectors missing");
-    cases
-}
-
 /// What a client sends for a vector step: the samples' labels where the step has them (the
 /// server counts them), else the listed counts. `seesaw_c5_counts_large` lists C counts, leaving
 /// out the background none of its steps has, whose count is then 0.
@@ -279,13 +223,10 @@ async fn every_seesaw_vector_step_comes_out_bit_for_bit_unary_and_on_a_stream() 
         for (mode, send_labels) in [("unary", true), ("stream", false)] {
             let job_id = format!("{mode}/{}", case.name);
             let job = client
-                .create_job(&job_id, seesaw_case_spec(&case))
+                .create_job(&job_id, case.proto_spec())
                 .await
                 .expect("create");
-            assert_eq!(
-                job.spec.and_then(|s| s.method),
-                seesaw_case_spec(&case).method
-            );
+            assert_eq!(job.spec.and_then(|s| s.method), case.proto_spec().method);
             let state = job.state.expect("state");
             assert_eq!(
                 state_bits(&stored_state(&state)),
@@ -335,13 +276,10 @@ async fn every_eqlv2_vector_step_comes_out_bit_for_bit_unary_and_on_a_stream() {
         for mode in ["unary", "stream"] {
             let job_id = format!("{mode}/{}", case.name);
             let job = client
-                .create_job(&job_id, eqlv2_case_spec(&case))
+                .create_job(&job_id, case.proto_spec())
                 .await
                 .expect("create");
-            assert_eq!(
-                job.spec.and_then(|s| s.method),
-                eqlv2_case_spec(&case).method
-            );
+            assert_eq!(job.spec.and_then(|s| s.method), case.proto_spec().method);
             let mut stream = StepStream::open(&mut client).await;
             for index in 0..case.steps.len() {
                 // The weights of step t come from pos_neg before it: GetJob's, or the last
@@ -460,9 +398,12 @@ async fn seesaw_of_w_ranks_is_the_global_batchs_counts_whatever_the_arrival_orde
     let mut client = server.client().await;
     let method = Seesaw::new(CLASSES, 0.8, 2.0, 0.01).expect("spec");
     let mut rng = SplitMix(11);
+    // Whether one float32 update per rank would have given another state at least once: else
+    // this test could not tell a server that sums the counts first from one that does not.
+    let mut summing_mattered = false;
     for world in [2u32, 3, 5] {
         let job_id = format!("seesaw/w{world}");
-        let spec = step_synchronous(seesaw_spec(CLASSES), world, Duration::from_secs(20));
+        let spec = step_synchronous(seesaw(CLASSES), world, Duration::from_secs(20));
         client.create_job(&job_id, spec).await.expect("create");
         let mut state = method.initial_state();
         let mut samples = 0u64;
@@ -488,9 +429,16 @@ async fn seesaw_of_w_ranks_is_the_global_batchs_counts_whatever_the_arrival_orde
             }
             samples += contributions.iter().map(LabelCounts::samples).sum::<u64>();
             let arrival = shuffled(&mut rng, world as usize);
+            let mut rank_by_rank = state.clone();
+            for contribution in &contributions {
+                method
+                    .step(&mut rank_by_rank, vec![contribution.clone()])
+                    .expect("the model step applies");
+            }
             method
                 .step(&mut state, contributions)
                 .expect("the model step applies");
+            summing_mattered |= bits(rank_by_rank.cum_samples()) != bits(state.cum_samples());
             let responses = all_ok(step_in_order(&server, requests, &arrival).await);
             for (rank, response) in responses.iter().enumerate() {
                 let context = format!("{job_id} step {step} rank {rank} (arrival {arrival:?})");
@@ -512,6 +460,7 @@ async fn seesaw_of_w_ranks_is_the_global_batchs_counts_whatever_the_arrival_orde
             }
         }
     }
+    assert!(summing_mattered, "no step's counts rounded past 2^24");
     server.stop().await;
 }
 
@@ -527,7 +476,7 @@ async fn eqlv2_of_w_ranks_is_the_rank_order_sum_whatever_the_arrival_order() {
     let mut order_mattered = false;
     for world in [2u32, 3, 6] {
         let job_id = format!("eqlv2/w{world}");
-        let spec = step_synchronous(eqlv2_spec(CLASSES), world, Duration::from_secs(20));
+        let spec = step_synchronous(eqlv2(CLASSES), world, Duration::from_secs(20));
         client.create_job(&job_id, spec).await.expect("create");
         let mut state = method.initial_state();
         for step in 0..4u64 {
@@ -583,15 +532,15 @@ async fn a_partial_step_folds_the_ranks_present_and_a_retry_gets_the_kept_outcom
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let timeout = Duration::from_millis(300);
-    let seesaw = Seesaw::new(4, 0.8, 2.0, 0.01).expect("spec");
-    let eqlv2 = Eqlv2::new(4, 12.0, 0.8, 4.0).expect("spec");
+    let seesaw_math = Seesaw::new(4, 0.8, 2.0, 0.01).expect("spec");
+    let eqlv2_math = Eqlv2::new(4, 12.0, 0.8, 4.0).expect("spec");
     let mut rng = SplitMix(5);
     for method in ["seesaw", "eqlv2"] {
         let job_id = format!("partial/{method}");
         let spec = if method == "seesaw" {
-            seesaw_spec(4)
+            seesaw(4)
         } else {
-            eqlv2_spec(4)
+            eqlv2(4)
         };
         let spec = JobSpec {
             allow_partial_steps: true,
@@ -600,12 +549,12 @@ async fn a_partial_step_folds_the_ranks_present_and_a_retry_gets_the_kept_outcom
         client.create_job(&job_id, spec).await.expect("create");
         let (inputs, expected): (Vec<Input>, job_state::MethodState) = if method == "seesaw" {
             let counts: Vec<Vec<u64>> = (0..3).map(|_| random_counts(&mut rng, 5)).collect();
-            let mut state = seesaw.initial_state();
+            let mut state = seesaw_math.initial_state();
             let present = counts[..2]
                 .iter()
                 .map(|c| LabelCounts { counts: c.clone() })
                 .collect();
-            seesaw.step(&mut state, present).expect("model");
+            seesaw_math.step(&mut state, present).expect("model");
             (
                 counts.iter().map(|c| counts_input(c)).collect(),
                 seesaw_proto(&state),
@@ -617,8 +566,10 @@ async fn a_partial_step_folds_the_ranks_present_and_a_retry_gets_the_kept_outcom
                     neg_grad: random_grads(&mut rng, 4),
                 })
                 .collect();
-            let mut state = eqlv2.initial_state();
-            eqlv2.step(&mut state, grads[..2].to_vec()).expect("model");
+            let mut state = eqlv2_math.initial_state();
+            eqlv2_math
+                .step(&mut state, grads[..2].to_vec())
+                .expect("model");
             (grads.iter().map(grad_input).collect(), eqlv2_proto(&state))
         };
         // Ranks 0 and 1 only: the step applies at the timeout without rank 2.
@@ -683,7 +634,7 @@ async fn refused(
 /// One step applied first, so that "unchanged" compares a state with values in it.
 async fn stepped_jobs(client: &mut Client) {
     client
-        .create_job("v/seesaw", seesaw_spec(5))
+        .create_job("v/seesaw", seesaw(5))
         .await
         .expect("create");
     client
@@ -691,7 +642,7 @@ async fn stepped_jobs(client: &mut Client) {
         .await
         .expect("a first step");
     client
-        .create_job("v/eqlv2", eqlv2_spec(5))
+        .create_job("v/eqlv2", eqlv2(5))
         .await
         .expect("create");
     client
@@ -954,25 +905,11 @@ async fn a_bad_input_on_a_stream_ends_it_with_the_same_status() {
     server.stop().await;
 }
 
-fn with_seesaw(spec: SeesawSpec) -> JobSpec {
-    JobSpec {
-        method: Some(job_spec::Method::Seesaw(spec)),
-        ..Default::default()
-    }
-}
-
-fn with_eqlv2(spec: Eqlv2Spec) -> JobSpec {
-    JobSpec {
-        method: Some(job_spec::Method::Eqlv2(spec)),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let seesaw = |p: Option<f64>, q: Option<f64>, eps: Option<f64>| {
+    let seesaw_with = |p: Option<f64>, q: Option<f64>, eps: Option<f64>| {
         with_seesaw(SeesawSpec {
             num_classes: 5,
             p,
@@ -980,7 +917,7 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             eps,
         })
     };
-    let eqlv2 = |gamma: Option<f64>, mu: Option<f64>, alpha: Option<f64>| {
+    let eqlv2_with = |gamma: Option<f64>, mu: Option<f64>, alpha: Option<f64>| {
         with_eqlv2(Eqlv2Spec {
             num_classes: 5,
             gamma,
@@ -993,7 +930,7 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             "seesaw with a loss",
             JobSpec {
                 loss: Loss::GhmC.into(),
-                ..seesaw_spec(5)
+                ..seesaw(5)
             },
             vec!["spec.loss"],
         ),
@@ -1001,7 +938,7 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             "eqlv2 with a loss",
             JobSpec {
                 loss: Loss::GhmR.into(),
-                ..eqlv2_spec(5)
+                ..eqlv2(5)
             },
             vec!["spec.loss"],
         ),
@@ -1009,7 +946,7 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             "seesaw with bins",
             JobSpec {
                 bins: 10,
-                ..seesaw_spec(5)
+                ..seesaw(5)
             },
             vec!["spec.bins"],
         ),
@@ -1017,7 +954,7 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             "eqlv2 with a momentum",
             JobSpec {
                 momentum: 0.75,
-                ..eqlv2_spec(5)
+                ..eqlv2(5)
             },
             vec!["spec.momentum"],
         ),
@@ -1025,68 +962,68 @@ async fn bad_seesaw_and_eqlv2_specs_are_invalid_argument_and_create_nothing() {
             "seesaw with GHM-R's mu",
             JobSpec {
                 mu: 0.02,
-                ..seesaw_spec(5)
+                ..seesaw(5)
             },
             vec!["spec.mu"],
         ),
         (
             "seesaw of 0 classes",
-            seesaw_spec(0),
+            seesaw(0),
             vec!["spec.seesaw.num_classes = 0"],
         ),
         (
             "seesaw of 65537 classes",
-            seesaw_spec(65_537),
+            seesaw(65_537),
             vec!["spec.seesaw.num_classes = 65537", "65536"],
         ),
         (
             "eqlv2 of 0 classes",
-            eqlv2_spec(0),
+            eqlv2(0),
             vec!["spec.eqlv2.num_classes = 0"],
         ),
         (
             "eqlv2 of 65537 classes",
-            eqlv2_spec(65_537),
+            eqlv2(65_537),
             vec!["spec.eqlv2.num_classes = 65537"],
         ),
         (
             "negative p",
-            seesaw(Some(-1.0), None, None),
+            seesaw_with(Some(-1.0), None, None),
             vec!["spec.seesaw.p = -1"],
         ),
         (
             "NaN q",
-            seesaw(None, Some(f64::NAN), None),
+            seesaw_with(None, Some(f64::NAN), None),
             vec!["spec.seesaw.q = NaN"],
         ),
         (
             "infinite p",
-            seesaw(Some(f64::INFINITY), None, None),
+            seesaw_with(Some(f64::INFINITY), None, None),
             vec!["spec.seesaw.p = inf"],
         ),
         (
             "eps 0",
-            seesaw(None, None, Some(0.0)),
+            seesaw_with(None, None, Some(0.0)),
             vec!["spec.seesaw.eps = 0", "> 0"],
         ),
         (
             "negative eps",
-            seesaw(None, None, Some(-0.01)),
+            seesaw_with(None, None, Some(-0.01)),
             vec!["spec.seesaw.eps"],
         ),
         (
             "infinite gamma",
-            eqlv2(Some(f64::INFINITY), None, None),
+            eqlv2_with(Some(f64::INFINITY), None, None),
             vec!["spec.eqlv2.gamma = inf"],
         ),
         (
             "NaN mu",
-            eqlv2(None, Some(f64::NAN), None),
+            eqlv2_with(None, Some(f64::NAN), None),
             vec!["spec.eqlv2.mu = NaN"],
         ),
         (
             "-infinite alpha",
-            eqlv2(None, None, Some(f64::NEG_INFINITY)),
+            eqlv2_with(None, None, Some(f64::NEG_INFINITY)),
             vec!["spec.eqlv2.alpha = -inf"],
         ),
     ];
@@ -1122,7 +1059,7 @@ async fn absent_parameters_get_mmdetections_defaults_and_create_is_idempotent_on
     for (job_id, bare, filled, other) in [
         (
             "defaults/seesaw",
-            seesaw_spec(1203),
+            seesaw(1203),
             seesaw_defaults,
             with_seesaw(SeesawSpec {
                 num_classes: 1203,
@@ -1132,7 +1069,7 @@ async fn absent_parameters_get_mmdetections_defaults_and_create_is_idempotent_on
         ),
         (
             "defaults/eqlv2",
-            eqlv2_spec(1203),
+            eqlv2(1203),
             eqlv2_defaults,
             with_eqlv2(Eqlv2Spec {
                 num_classes: 1203,
@@ -1355,7 +1292,7 @@ async fn an_eqlv2_fold_past_float32_is_refused_and_changes_nothing() {
     let neg = vec![1.0f32, 0.0, 1.0];
     for world in [1u32, 2] {
         let job_id = format!("overflow/w{world}");
-        let spec = step_synchronous(eqlv2_spec(3), world, Duration::from_secs(20));
+        let spec = step_synchronous(eqlv2(3), world, Duration::from_secs(20));
         client.create_job(&job_id, spec).await.expect("create");
         client
             .restore_job(restore(&job_id, eqlv2_state(near_max.clone(), neg.clone())))
@@ -1399,7 +1336,7 @@ async fn an_eqlv2_fold_past_float32_is_refused_and_changes_nothing() {
 
     // Two ranks whose values are finite but whose sum is not: the reduction names the rank.
     let job_id = "overflow/reduce";
-    let spec = step_synchronous(eqlv2_spec(3), 2, Duration::from_secs(20));
+    let spec = step_synchronous(eqlv2(3), 2, Duration::from_secs(20));
     client.create_job(job_id, spec).await.expect("create");
     let before = client.get_job(job_id).await.expect("get");
     let requests: Vec<HarmonizeRequest> = (0..2)
@@ -1428,11 +1365,11 @@ async fn an_eqlv2_fold_past_float32_is_refused_and_changes_nothing() {
 async fn populate(client: &mut Client) {
     let mut rng = SplitMix(77);
     for (job_id, spec) in [
-        ("p/seesaw", seesaw_spec(1203)),
-        ("p/eqlv2", eqlv2_spec(1203)),
-        ("p/seesaw-sync", with_world(seesaw_spec(20), 2)),
-        ("p/eqlv2-sync", with_world(eqlv2_spec(20), 2)),
-        ("p/untouched", eqlv2_spec(3)),
+        ("p/seesaw", seesaw(1203)),
+        ("p/eqlv2", eqlv2(1203)),
+        ("p/seesaw-sync", with_world(seesaw(20), 2)),
+        ("p/eqlv2-sync", with_world(eqlv2(20), 2)),
+        ("p/untouched", eqlv2(3)),
     ] {
         client.create_job(job_id, spec).await.expect("create");
         if job_id == "p/untouched" {
@@ -1464,10 +1401,6 @@ async fn populate(client: &mut Client) {
             }
         }
     }
-}
-
-fn with_world(spec: JobSpec, world_size: u32) -> JobSpec {
-    JobSpec { world_size, ..spec }
 }
 
 async fn all_jobs(client: &mut Client) -> Vec<Job> {
@@ -1569,8 +1502,8 @@ async fn a_reseed_from_the_last_response_puts_an_equal_copy_in_place() {
     let mut other = second.client().await;
     let mut rng = SplitMix(3);
     for (job_id, spec) in [
-        ("r/seesaw", with_world(seesaw_spec(6), 2)),
-        ("r/eqlv2", with_world(eqlv2_spec(6), 2)),
+        ("r/seesaw", with_world(seesaw(6), 2)),
+        ("r/eqlv2", with_world(eqlv2(6), 2)),
     ] {
         client.create_job(job_id, spec).await.expect("create");
         let input = |rng: &mut SplitMix| {
@@ -1658,15 +1591,15 @@ async fn metrics_carry_a_loss_series_per_method() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     client
-        .create_job("m/seesaw", seesaw_spec(3))
+        .create_job("m/seesaw", seesaw(3))
         .await
         .expect("create");
     client
-        .create_job("m/eqlv2", eqlv2_spec(3))
+        .create_job("m/eqlv2", eqlv2(3))
         .await
         .expect("create");
     client
-        .create_job("m/eqlv2-b", eqlv2_spec(4))
+        .create_job("m/eqlv2-b", eqlv2(4))
         .await
         .expect("create");
     for step in 0..3 {
@@ -1721,13 +1654,16 @@ const STATE_V3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/state-v3
 /// and what a test replays to compare the loaded jobs with.
 async fn state_v3_jobs(server: &TestServer, prefix: &str) {
     let mut client = server.client().await;
-    let seesaw = with_seesaw(SeesawSpec {
+    let seesaw_spec = with_seesaw(SeesawSpec {
         num_classes: 5,
         p: Some(0.5),
         ..Default::default()
     });
     let seesaw_id = format!("{prefix}v3-seesaw");
-    client.create_job(&seesaw_id, seesaw).await.expect("create");
+    client
+        .create_job(&seesaw_id, seesaw_spec)
+        .await
+        .expect("create");
     for (step, input) in [
         labels_input(&[0, 5, 5, 2]),
         counts_input(&[1 << 24, 0, 0, 0, 0, 1]),
@@ -1741,7 +1677,7 @@ async fn state_v3_jobs(server: &TestServer, prefix: &str) {
     }
     let eqlv2_id = format!("{prefix}v3-eqlv2");
     client
-        .create_job(&eqlv2_id, eqlv2_spec(4))
+        .create_job(&eqlv2_id, eqlv2(4))
         .await
         .expect("create");
     for (step, (pos, neg)) in [
@@ -1756,7 +1692,7 @@ async fn state_v3_jobs(server: &TestServer, prefix: &str) {
     }
     let sync_id = format!("{prefix}v3-eqlv2-sync");
     client
-        .create_job_for_run(&sync_id, with_world(eqlv2_spec(3), 2), "run-v3")
+        .create_job_for_run(&sync_id, with_world(eqlv2(3), 2), "run-v3")
         .await
         .expect("create");
     for step in 0..2u64 {

@@ -13,19 +13,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 use crate::support::bits;
-use crate::support::vectors::{Eqlv2Case, Eqlv2Step, SeesawCase, cases_named, f32s};
-
-fn seesaw_cases() -> Vec<SeesawCase> {
-    let cases: Vec<SeesawCase> = cases_named("seesaw_");
-    assert!(cases.len() >= 2, "Seesaw conformance vectors missing");
-    cases
-}
-
-fn eqlv2_cases() -> Vec<Eqlv2Case> {
-    let cases: Vec<Eqlv2Case> = cases_named("eqlv2_");
-    assert!(!cases.is_empty(), "EQLv2 conformance vectors missing");
-    cases
-}
+use crate::support::vectors::{Eqlv2Case, Eqlv2Step, SeesawCase, eqlv2_cases, f32s, seesaw_cases};
 
 fn seesaw_of(case: &SeesawCase) -> Seesaw {
     Seesaw::new(case.num_classes, case.p, case.q, case.eps).unwrap()

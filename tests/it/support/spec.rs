@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ghmd::proto::{JobSpec, Loss};
+use ghmd::proto::{Eqlv2Spec, JobSpec, Loss, SeesawSpec, job_spec};
 
 pub fn ghm_c(bins: u32, momentum: f64) -> JobSpec {
     JobSpec {
@@ -46,4 +46,36 @@ pub fn duration(duration: Duration) -> prost_types::Duration {
         seconds: duration.as_secs() as i64,
         nanos: duration.subsec_nanos() as i32,
     }
+}
+
+/// A Seesaw job's spec; its other fields as for GHM.
+pub fn with_seesaw(spec: SeesawSpec) -> JobSpec {
+    JobSpec {
+        method: Some(job_spec::Method::Seesaw(spec)),
+        ..Default::default()
+    }
+}
+
+/// An EQLv2 job's spec; its other fields as for GHM.
+pub fn with_eqlv2(spec: Eqlv2Spec) -> JobSpec {
+    JobSpec {
+        method: Some(job_spec::Method::Eqlv2(spec)),
+        ..Default::default()
+    }
+}
+
+/// Seesaw of `num_classes` with mmdetection's defaults, which the server fills in.
+pub fn seesaw(num_classes: u32) -> JobSpec {
+    with_seesaw(SeesawSpec {
+        num_classes,
+        ..Default::default()
+    })
+}
+
+/// EQLv2 of `num_classes` with mmdetection's defaults, which the server fills in.
+pub fn eqlv2(num_classes: u32) -> JobSpec {
+    with_eqlv2(Eqlv2Spec {
+        num_classes,
+        ..Default::default()
+    })
 }

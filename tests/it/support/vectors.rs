@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use ghmd::proto::JobSpec;
+use ghmd::proto::{Eqlv2Spec, JobSpec, SeesawSpec};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -152,4 +152,39 @@ pub struct Eqlv2Expected {
     pub pos_grad: Vec<f64>,
     pub neg_grad: Vec<f64>,
     pub pos_neg: Vec<f64>,
+}
+
+pub fn seesaw_cases() -> Vec<SeesawCase> {
+    let cases: Vec<SeesawCase> = cases_named("seesaw_");
+    assert!(cases.len() >= 2, "Seesaw conformance vectors missing");
+    cases
+}
+
+pub fn eqlv2_cases() -> Vec<Eqlv2Case> {
+    let cases: Vec<Eqlv2Case> = cases_named("eqlv2_");
+    assert!(!cases.is_empty(), "EQLv2 conformance vectors missing");
+    cases
+}
+
+impl SeesawCase {
+    /// The case's parameters, each given, so that no default of the server's is assumed.
+    pub fn proto_spec(&self) -> JobSpec {
+        super::spec::with_seesaw(SeesawSpec {
+            num_classes: self.num_classes,
+            p: Some(self.p),
+            q: Some(self.q),
+            eps: Some(self.eps),
+        })
+    }
+}
+
+impl Eqlv2Case {
+    pub fn proto_spec(&self) -> JobSpec {
+        super::spec::with_eqlv2(Eqlv2Spec {
+            num_classes: self.num_classes,
+            gamma: Some(self.gamma),
+            mu: Some(self.mu),
+            alpha: Some(self.alpha),
+        })
+    }
 }

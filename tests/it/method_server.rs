@@ -367,6 +367,38 @@ fn all_ok(responses: Vec<Result<HarmonizeResponse, tonic::Status>>) -> Vec<Harmo
         .collect()
 }
 
+/// One step of every rank of a step-synchronous job, as the barrier applied it.
+struct SynchronousStep<'a> {
+    job_id: &'a str,
+    step: u64,
+    arrival: &'a [usize],
+}
+
+impl SynchronousStep<'_> {
+    /// Every rank's response, and GetJob, hold `expected`, and the step was applied once, whole.
+    async fn check(
+        &self,
+        client: &mut Client,
+        responses: &[HarmonizeResponse],
+        expected: &job_state::MethodState,
+    ) {
+        let (job_id, step) = (self.job_id, self.step);
+        for (rank, response) in responses.iter().enumerate() {
+            let context = format!(
+                "{job_id} step {step} rank {rank} (arrival {:?})",
+                self.arrival
+            );
+            assert_eq!(
+                (response.steps, response.next_step),
+                (step + 1, step + 1),
+                "{context}"
+            );
+            assert!(response.missing_ranks.is_empty(), "{context}");
+            assert_state(client, job_id, response, expected, &context).await;
+        }
+    }
+}
+
 /// Counts past 2^24, so that a float32 update per rank would round differently from one update
 /// with the exact sum.
 fn random_counts(rng: &mut SplitMix, labels: usize) -> Vec<u64> {
@@ -440,24 +472,17 @@ async fn seesaw_of_w_ranks_is_the_global_batchs_counts_whatever_the_arrival_orde
                 .expect("the model step applies");
             summing_mattered |= bits(rank_by_rank.cum_samples()) != bits(state.cum_samples());
             let responses = all_ok(step_in_order(&server, requests, &arrival).await);
-            for (rank, response) in responses.iter().enumerate() {
-                let context = format!("{job_id} step {step} rank {rank} (arrival {arrival:?})");
-                assert_eq!(
-                    (response.steps, response.next_step),
-                    (step + 1, step + 1),
-                    "{context}"
-                );
-                assert_eq!(response.elements, samples, "{context}: samples");
-                assert!(response.missing_ranks.is_empty(), "{context}");
-                assert_state(
-                    &mut client,
-                    &job_id,
-                    response,
-                    &seesaw_proto(&state),
-                    &context,
-                )
-                .await;
+            for response in &responses {
+                assert_eq!(response.elements, samples, "{job_id} step {step}: samples");
             }
+            let synchronous = SynchronousStep {
+                job_id: &job_id,
+                step,
+                arrival: &arrival,
+            };
+            synchronous
+                .check(&mut client, &responses, &seesaw_proto(&state))
+                .await;
         }
     }
     assert!(summing_mattered, "no step's counts rounded past 2^24");
@@ -502,22 +527,14 @@ async fn eqlv2_of_w_ranks_is_the_rank_order_sum_whatever_the_arrival_order() {
                 .step(&mut state, contributions)
                 .expect("the model step applies");
             let responses = all_ok(step_in_order(&server, requests, &arrival).await);
-            for (rank, response) in responses.iter().enumerate() {
-                let context = format!("{job_id} step {step} rank {rank} (arrival {arrival:?})");
-                assert_eq!(
-                    (response.steps, response.next_step),
-                    (step + 1, step + 1),
-                    "{context}"
-                );
-                assert_state(
-                    &mut client,
-                    &job_id,
-                    response,
-                    &eqlv2_proto(&state),
-                    &context,
-                )
+            let synchronous = SynchronousStep {
+                job_id: &job_id,
+                step,
+                arrival: &arrival,
+            };
+            synchronous
+                .check(&mut client, &responses, &eqlv2_proto(&state))
                 .await;
-            }
         }
     }
     assert!(

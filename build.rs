@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".ghm.v1.HarmonizeRequest")
         .bytes(".ghm.v1.HarmonizeResponse")
+        .bytes(".ghm.v1.Eqlv2Contribution")
         // A malformed message is the caller's INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
         .codec_path("crate::codec::ProtoCodec")
         .compile_fds(descriptors)?;

@@ -10,8 +10,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use ghmd::ghm::{Loss, Spec};
+use ghmd::ghm::{Density, Loss, Spec};
 use ghmd::jobs::{JobSnapshot, JobSpec, Registry, RegistryLimits};
+use ghmd::method::{AnyState, Ghm, MethodSpec};
 use ghmd::persist::{Store, encode};
 
 /// A registry like a busy server's: mmdetection's 10 and 30 bins, both losses, every job with a
@@ -34,14 +35,16 @@ fn registry_of(jobs: usize) -> Registry {
             .insert_snapshot(JobSnapshot {
                 id: format!("team-{}/run-{i:06}", i % 97),
                 spec: JobSpec {
-                    ghm: spec,
+                    method: MethodSpec::Ghm(Ghm { spec }),
                     world_size: 1,
                     step_timeout: Duration::from_secs(60),
                     allow_partial_steps: false,
                 },
-                acc_sum: (0..bins)
-                    .map(|b| (i * 31 + b as usize) as f32 * 0.37)
-                    .collect(),
+                state: AnyState::Ghm(Density::from_acc_sum(
+                    (0..bins)
+                        .map(|b| (i * 31 + b as usize) as f32 * 0.37)
+                        .collect(),
+                )),
                 steps: i as u64,
                 elements: i as u64 * 1000,
                 next_step: 0,

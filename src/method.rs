@@ -20,8 +20,10 @@
 //! Everything here is pure: no async, no I/O, nothing of gRPC. See docs/methods.md for how the
 //! job core, the proto and persistence plug into it.
 
-use crate::eqlv2::{self, Eqlv2, Eqlv2State, Eqlv2Table, GradContribution};
-use crate::ghm::{self, BatchCounts, BinTable, Density, Loss};
+use bytes::Bytes;
+
+use crate::eqlv2::{self, Eqlv2, Eqlv2State, GradContribution};
+use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
 use crate::seesaw::{self, LabelCounts, Seesaw, SeesawState};
 
 /// The largest class count a Seesaw or EQLv2 job may have. LVIS has 1203; 2^16 leaves room for
@@ -86,14 +88,12 @@ pub trait Method {
     }
 }
 
-/// GHM on the engine, through `ghm`'s public functions only, so that the job core can switch
-/// over without a change to `ghm`.
+/// GHM on the engine, through `ghm`'s public functions only.
 ///
-/// A contribution is a batch's [`BatchCounts`] (from `ghm::bin_batch`, `ghm::count_batch` or a
-/// client's histogram); the per-element weights of pass two stay outside the engine, since only
-/// GHM has elements to weigh: the job core keeps the `BinnedBatch` beside the contribution and
-/// weighs it with the table. What the job core checks today besides `ghm::validate_histogram`
-/// (the `max_tot` bound of `jobs/job.rs`) moves into [`Method::check`] here when it switches.
+/// A contribution is a batch's [`BatchCounts`] (from `ghm::bin_batch` or a client's histogram);
+/// the per-element weights of pass two stay outside the four parts, since only GHM has elements
+/// to weigh: [`JobMethod::prepare`] keeps the `BinnedBatch` in a [`Prepared`] beside the
+/// contribution, and [`Prepared::weigh`] weighs it with the step's table.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Ghm {
     pub spec: ghm::Spec,
@@ -223,7 +223,7 @@ pub enum AnyState {
 pub enum AnyTable {
     Ghm(BinTable),
     Seesaw(Vec<f32>),
-    Eqlv2(Eqlv2Table),
+    Eqlv2(Eqlv2State),
 }
 
 /// Any method's refusal, or a contribution or state of one method given to a job of another.
@@ -241,6 +241,20 @@ pub enum MethodError {
     AccSumLength { bins: usize, got: usize },
     #[error("state.acc_sum[{index}] = {value}: must be finite and >= 0")]
     AccSum { index: usize, value: f32 },
+    /// A request that cannot be a contribution of the job's method as sent (the reason names
+    /// the field).
+    #[error("{0}")]
+    Request(String),
+    #[error("{sent}: the job runs {}, whose state is {}", job.name(), expected_state(*job))]
+    WrongState { job: MethodKind, sent: &'static str },
+}
+
+fn expected_state(kind: MethodKind) -> &'static str {
+    match kind {
+        MethodKind::GhmC | MethodKind::GhmR => "state.acc_sum (with no method_state)",
+        MethodKind::Seesaw => "state.seesaw (cum_samples)",
+        MethodKind::Eqlv2 => "state.eqlv2 (pos_grad, neg_grad and pos_neg)",
+    }
 }
 
 fn expected_input(kind: MethodKind) -> &'static str {
@@ -388,6 +402,623 @@ impl Method for MethodSpec {
             | (Self::Seesaw(_), AnyState::Seesaw(_), other)
             | (Self::Eqlv2(_), AnyState::Eqlv2(_), other) => Err(self.wrong(other)),
             (Self::Ghm(_) | Self::Seesaw(_) | Self::Eqlv2(_), _, _) => Err(self.wrong_state()),
+        }
+    }
+}
+
+/// What a request brings to a step, as the API decoded it from the request's `input`.
+#[derive(Clone, Debug)]
+pub enum BatchInput {
+    /// Little-endian float32 g per element (GHM).
+    GradientNorms(Bytes),
+    /// Little-endian float32 residuals `d = pred - target` (GHM-R only).
+    Residuals(Bytes),
+    /// Bin counts the client computed itself, with its raw tot (GHM).
+    Histogram { counts: Vec<u64>, tot: f64 },
+    /// A Seesaw rank's samples per label, C + 1 counts.
+    SeesawCounts(Vec<u64>),
+    /// A Seesaw rank's labels, one per sample.
+    SeesawLabels(Vec<i64>),
+    /// An EQLv2 rank's gradient sums, C little-endian float32 each.
+    Eqlv2 { pos_grad: Bytes, neg_grad: Bytes },
+}
+
+impl BatchInput {
+    /// Values the kernels will walk over: what decides whether a batch is worth moving off the
+    /// async runtime, and what `--max-elements-per-request` bounds.
+    pub fn element_count(&self) -> usize {
+        match self {
+            Self::GradientNorms(bytes) | Self::Residuals(bytes) => bytes.len() / 4,
+            Self::SeesawLabels(labels) => labels.len(),
+            Self::Eqlv2 { pos_grad, neg_grad } => (pos_grad.len() + neg_grad.len()) / 4,
+            Self::Histogram { .. } | Self::SeesawCounts(_) => 0,
+        }
+    }
+
+    /// The request field that carries the elements; `None` for counts, which have none.
+    pub fn element_field(&self) -> Option<&'static str> {
+        match self {
+            Self::GradientNorms(_) => Some("gradient_norms"),
+            Self::Residuals(_) => Some("residuals"),
+            Self::SeesawLabels(_) => Some("seesaw.labels"),
+            Self::Eqlv2 { .. } => Some("eqlv2.pos_grad and eqlv2.neg_grad"),
+            Self::Histogram { .. } | Self::SeesawCounts(_) => None,
+        }
+    }
+
+    /// Whether the response carries one weight per element, which bounds the elements by the
+    /// largest response a server may send.
+    pub fn weighs_elements(&self) -> bool {
+        matches!(self, Self::GradientNorms(_) | Self::Residuals(_))
+    }
+
+    /// The request field, for the message of an input sent to a job of another method.
+    fn field(&self) -> &'static str {
+        match self {
+            Self::GradientNorms(_) => "gradient_norms",
+            Self::Residuals(_) => "residuals",
+            Self::Histogram { .. } => "histogram",
+            Self::SeesawCounts(_) | Self::SeesawLabels(_) => "seesaw",
+            Self::Eqlv2 { .. } => "eqlv2",
+        }
+    }
+}
+
+/// A request after pass one: checked, its contribution taken out, ready to be weighed once its
+/// step's table is known. A GHM batch keeps one byte per element (its bin), not the request's
+/// norms and label weights, so that a step waiting for its other ranks holds an eighth of the
+/// memory; the other methods keep nothing, since their clients weigh from the state.
+pub struct Prepared {
+    binned: Option<BinnedBatch>,
+}
+
+impl Prepared {
+    /// Elements pass two will weigh.
+    pub fn element_count(&self) -> usize {
+        self.binned.as_ref().map_or(0, BinnedBatch::len)
+    }
+
+    /// Pass two: this request's element weights from its step's table, little-endian float32;
+    /// `None` when the request had no elements to weigh.
+    pub fn weigh(&self, table: &AnyTable) -> Option<Vec<u8>> {
+        let binned = self.binned.as_ref()?;
+        match table {
+            AnyTable::Ghm(table) => Some(binned.write_weights(table)),
+            AnyTable::Seesaw(_) | AnyTable::Eqlv2(_) => None,
+        }
+    }
+}
+
+/// The largest raw tot one GHM request may carry. A GHM-R tot is a sum of label weights, which
+/// may be anything finite, and a weight is at most tot / ((1 - momentum) * 1) before rounding:
+/// past this bound it would overflow float32 and weigh elements by infinity (the fuzzer found
+/// it). The 2^17 leaves room for a step summing the tots of 2^16 ranks ([`MAX_RANKS`]) and for
+/// float32 rounding; the bound is still far above any real batch's tot.
+pub fn max_tot(momentum: f64) -> f64 {
+    let floor = if momentum > 0.0 { 1.0 - momentum } else { 1.0 };
+    f64::from(f32::MAX) * floor / f64::from(1u32 << 17)
+}
+
+/// A job's method with what its requests need prepared once (GHM's bin edges), so that pass one
+/// is one call for every method.
+#[derive(Clone, Debug)]
+pub struct JobMethod {
+    spec: MethodSpec,
+    /// GHM only: the job's float32 bin edges.
+    edges: Option<BinEdges>,
+}
+
+impl JobMethod {
+    pub fn new(spec: MethodSpec) -> Self {
+        let edges = match &spec {
+            MethodSpec::Ghm(ghm) => Some(BinEdges::new(ghm.spec.loss(), ghm.spec.bins())),
+            MethodSpec::Seesaw(_) | MethodSpec::Eqlv2(_) => None,
+        };
+        Self { spec, edges }
+    }
+
+    pub fn spec(&self) -> &MethodSpec {
+        &self.spec
+    }
+
+    /// Pass one, outside any lock: checks a request against the job and takes its contribution
+    /// out of it. Every refusal names the field (and index) and changes nothing.
+    pub fn prepare(
+        &self,
+        batch: &BatchInput,
+        label_weights: Option<&[u8]>,
+    ) -> Result<(Prepared, AnyContribution), MethodError> {
+        let nothing = Prepared { binned: None };
+        match (&self.spec, batch) {
+            (MethodSpec::Ghm(method), _) => self.prepare_ghm(method, batch, label_weights),
+            (MethodSpec::Seesaw(method), BatchInput::SeesawCounts(counts)) => {
+                refuse_label_weights(label_weights, MethodKind::Seesaw)?;
+                let counts = LabelCounts {
+                    counts: counts.clone(),
+                };
+                method.check(&counts)?;
+                Ok((nothing, AnyContribution::Seesaw(counts)))
+            }
+            (MethodSpec::Seesaw(method), BatchInput::SeesawLabels(labels)) => {
+                refuse_label_weights(label_weights, MethodKind::Seesaw)?;
+                let counts = method.count_labels(labels)?;
+                Ok((nothing, AnyContribution::Seesaw(counts)))
+            }
+            (MethodSpec::Eqlv2(method), BatchInput::Eqlv2 { pos_grad, neg_grad }) => {
+                refuse_label_weights(label_weights, MethodKind::Eqlv2)?;
+                let contribution = GradContribution {
+                    pos_grad: eqlv2::floats_from_le_bytes(eqlv2::Field::PosGrad, pos_grad)?,
+                    neg_grad: eqlv2::floats_from_le_bytes(eqlv2::Field::NegGrad, neg_grad)?,
+                };
+                method.check(&contribution)?;
+                Ok((nothing, AnyContribution::Eqlv2(contribution)))
+            }
+            (MethodSpec::Seesaw(_) | MethodSpec::Eqlv2(_), other) => {
+                Err(MethodError::WrongMethod {
+                    job: self.spec.kind(),
+                    sent: other.field(),
+                })
+            }
+        }
+    }
+
+    fn prepare_ghm(
+        &self,
+        method: &Ghm,
+        batch: &BatchInput,
+        label_weights: Option<&[u8]>,
+    ) -> Result<(Prepared, AnyContribution), MethodError> {
+        let spec = &method.spec;
+        let edges = self.edges.as_ref().ok_or(MethodError::WrongMethod {
+            job: self.spec.kind(),
+            sent: "a job without bin edges",
+        })?;
+        let (binned, counts) = match batch {
+            BatchInput::Histogram { counts, tot } => {
+                if label_weights.is_some() {
+                    return Err(MethodError::Request(
+                        "label_weights cannot go with a histogram: count only valid elements"
+                            .to_owned(),
+                    ));
+                }
+                let counts = ghm::validate_histogram(spec.loss(), spec.bins(), counts, *tot)?;
+                (None, counts)
+            }
+            BatchInput::GradientNorms(bytes) => {
+                let (norms, weights) =
+                    ghm::float32_views(bytes, InputField::GradientNorms, label_weights)?;
+                let binned = ghm::bin_batch(
+                    spec.loss(),
+                    edges,
+                    norms,
+                    InputField::GradientNorms,
+                    weights,
+                )?;
+                let counts = binned.counts().clone();
+                (Some(binned), counts)
+            }
+            BatchInput::Residuals(bytes) => {
+                if spec.loss() != Loss::GhmR {
+                    return Err(MethodError::Request(
+                        "residuals are for GHM-R jobs; send gradient_norms for GHM-C".to_owned(),
+                    ));
+                }
+                let (residuals, weights) =
+                    ghm::float32_views(bytes, InputField::Residuals, label_weights)?;
+                let norms = ghm::norms_from_residuals(residuals, spec.mu())?;
+                let binned =
+                    ghm::bin_batch(spec.loss(), edges, &norms, InputField::Residuals, weights)?;
+                let counts = binned.counts().clone();
+                (Some(binned), counts)
+            }
+            BatchInput::SeesawCounts(_)
+            | BatchInput::SeesawLabels(_)
+            | BatchInput::Eqlv2 { .. } => {
+                return Err(MethodError::WrongMethod {
+                    job: self.spec.kind(),
+                    sent: batch.field(),
+                });
+            }
+        };
+        let max_tot = max_tot(spec.momentum());
+        if counts.tot > max_tot {
+            let field = match batch {
+                BatchInput::Histogram { .. } => "histogram.tot",
+                _ => "tot (the sum of label_weights)",
+            };
+            return Err(MethodError::Request(format!(
+                "{field} = {:e}: above {max_tot:e}, the largest tot whose weights stay finite in \
+                 float32 with momentum {}",
+                counts.tot,
+                spec.momentum()
+            )));
+        }
+        Ok((Prepared { binned }, AnyContribution::Ghm(counts)))
+    }
+}
+
+/// Seesaw counts every sample whatever its weight, as the reference does, and EQLv2's sums
+/// already carry the weights: label weights would be silently ignored, so they are refused.
+fn refuse_label_weights(label_weights: Option<&[u8]>, kind: MethodKind) -> Result<(), MethodError> {
+    match label_weights {
+        None => Ok(()),
+        Some(_) => Err(MethodError::Request(format!(
+            "label_weights is for gradient_norms and residuals, and the job runs {}, whose \
+             contribution {}: leave it empty",
+            kind.name(),
+            match kind {
+                MethodKind::Eqlv2 => "already holds the sample weights in its sums",
+                MethodKind::GhmC | MethodKind::GhmR | MethodKind::Seesaw => {
+                    "counts every sample, whatever its weight, as mmdetection does"
+                }
+            }
+        ))),
+    }
+}
+
+impl AnyContribution {
+    /// The heap bytes it holds, for the memory account of a step that keeps it whole.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Ghm(counts) => 8 * counts.counts.len(),
+            Self::Seesaw(counts) => 8 * counts.counts.len(),
+            Self::Eqlv2(grads) => 4 * (grads.pos_grad.len() + grads.neg_grad.len()),
+        }
+    }
+
+    /// Integer counts (and a float tot) that give the same total summed in any order, so that
+    /// the step barrier can add them up as they arrive and keep only what a resend needs to
+    /// take back out; `None` for a contribution that must be reduced in rank order.
+    pub fn counts(&self) -> Option<(&[u64], f64)> {
+        match self {
+            Self::Ghm(counts) => Some((&counts.counts, counts.tot)),
+            Self::Seesaw(counts) => Some((&counts.counts, 0.0)),
+            Self::Eqlv2(_) => None,
+        }
+    }
+}
+
+impl AnyState {
+    /// GHM's density, for what only a density has (the `--job-metrics` series, the responses'
+    /// `acc_sum`).
+    pub fn ghm_density(&self) -> Option<&Density> {
+        match self {
+            Self::Ghm(density) => Some(density),
+            Self::Seesaw(_) | Self::Eqlv2(_) => None,
+        }
+    }
+}
+
+impl MethodSpec {
+    /// The length of its contributions' counts when they are counts ([`AnyContribution::counts`]).
+    pub fn counts_len(&self) -> Option<usize> {
+        match self {
+            Self::Ghm(method) => Some(method.spec.bins()),
+            Self::Seesaw(method) => Some(method.labels()),
+            Self::Eqlv2(_) => None,
+        }
+    }
+
+    /// A step's total from its ranks' counts summed exactly and their tots summed in rank order.
+    pub fn total_of_counts(
+        &self,
+        counts: Vec<u64>,
+        tot: f64,
+    ) -> Result<AnyContribution, MethodError> {
+        match self {
+            Self::Ghm(_) => Ok(AnyContribution::Ghm(BatchCounts { counts, tot })),
+            Self::Seesaw(_) => Ok(AnyContribution::Seesaw(LabelCounts { counts })),
+            Self::Eqlv2(_) => Err(MethodError::WrongMethod {
+                job: self.kind(),
+                sent: "counts",
+            }),
+        }
+    }
+
+    /// The float32 values its state holds, for the job's memory account.
+    pub fn state_values(&self) -> usize {
+        match self {
+            Self::Ghm(method) => method.spec.bins(),
+            Self::Seesaw(method) => method.labels(),
+            Self::Eqlv2(method) => 3 * method.num_classes(),
+        }
+    }
+
+    /// What the responses report as `acc_sum`: GHM's density when it keeps one (momentum > 0),
+    /// else nothing.
+    pub fn reported_acc_sum(&self, state: &AnyState) -> Vec<f32> {
+        match (self, state) {
+            (Self::Ghm(method), AnyState::Ghm(density)) if method.spec.uses_ema() => {
+                density.acc_sum().to_vec()
+            }
+            (Self::Ghm(_) | Self::Seesaw(_) | Self::Eqlv2(_), _) => Vec::new(),
+        }
+    }
+
+    /// GHM's spec, for what only GHM has (its bin edges, the `--job-metrics` density).
+    pub fn ghm(&self) -> Option<&ghm::Spec> {
+        match self {
+            Self::Ghm(method) => Some(&method.spec),
+            Self::Seesaw(_) | Self::Eqlv2(_) => None,
+        }
+    }
+}
+
+/// A state as a client sent it (RestoreJob, ReseedJob), before it is checked against the job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateInput {
+    Ghm {
+        acc_sum: Vec<f32>,
+    },
+    Seesaw {
+        cum_samples: Vec<f32>,
+    },
+    Eqlv2 {
+        pos_grad: Vec<f32>,
+        neg_grad: Vec<f32>,
+        pos_neg: Vec<f32>,
+    },
+}
+
+impl StateInput {
+    fn field(&self) -> &'static str {
+        match self {
+            Self::Ghm { .. } => "state.acc_sum",
+            Self::Seesaw { .. } => "state.seesaw",
+            Self::Eqlv2 { .. } => "state.eqlv2",
+        }
+    }
+}
+
+/// A GHM step's table as a response reported it (ReseedJobRequest.last_step).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GhmStepInput {
+    pub bin_weights: Vec<f32>,
+    pub tot: f64,
+    pub nonempty_bins: u32,
+    pub acc_sum: Vec<f32>,
+}
+
+fn first_bad(values: &[f32]) -> Option<(usize, f32)> {
+    values
+        .iter()
+        .copied()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+}
+
+impl MethodSpec {
+    /// The job's state from a client's, checked as strictly as a state file. `from_response`:
+    /// the state comes from a response, where a GHM job without EMA reports no `acc_sum` (its
+    /// density is all zeros).
+    pub fn state_from_input(
+        &self,
+        input: StateInput,
+        from_response: bool,
+    ) -> Result<AnyState, MethodError> {
+        let state = match (self, input) {
+            (Self::Ghm(method), StateInput::Ghm { acc_sum }) => {
+                let acc_sum = if acc_sum.is_empty() && from_response && !method.spec.uses_ema() {
+                    vec![0.0; method.spec.bins()]
+                } else {
+                    acc_sum
+                };
+                AnyState::Ghm(Density::from_acc_sum(acc_sum))
+            }
+            (Self::Seesaw(method), StateInput::Seesaw { cum_samples }) => {
+                AnyState::Seesaw(method.state_from_cum_samples(cum_samples)?)
+            }
+            (
+                Self::Eqlv2(method),
+                StateInput::Eqlv2 {
+                    pos_grad,
+                    neg_grad,
+                    pos_neg,
+                },
+            ) => AnyState::Eqlv2(method.state_from_parts(pos_grad, neg_grad, pos_neg)?),
+            (Self::Ghm(_) | Self::Seesaw(_) | Self::Eqlv2(_), other) => {
+                return Err(MethodError::WrongState {
+                    job: self.kind(),
+                    sent: other.field(),
+                });
+            }
+        };
+        self.check_state(&state)?;
+        Ok(state)
+    }
+
+    /// The table of the last applied step as a response reported it, checked to be one this job
+    /// could have produced and whose state is `after` (the state a reseed puts in place), with
+    /// the `acc_sum` that response reported.
+    pub fn last_table(
+        &self,
+        ghm: &GhmStepInput,
+        method_state: Option<StateInput>,
+        after: &AnyState,
+    ) -> Result<(AnyTable, Vec<f32>), MethodError> {
+        let request = |reason: String| MethodError::Request(reason);
+        let Self::Ghm(method) = self else {
+            let Some(input) = method_state else {
+                return Err(MethodError::WrongState {
+                    job: self.kind(),
+                    sent: "last_step without its state",
+                });
+            };
+            let state = self.state_from_input(input, true)?;
+            if &state != after {
+                return Err(request(
+                    "last_step's state differs from state: the state a step reports is the one \
+                     right after it, which the reseed puts in place"
+                        .to_owned(),
+                ));
+            }
+            let table = match state {
+                AnyState::Seesaw(state) => AnyTable::Seesaw(state.cum_samples().to_vec()),
+                AnyState::Eqlv2(state) => AnyTable::Eqlv2(state),
+                AnyState::Ghm(_) => return Err(self.wrong_state()),
+            };
+            return Ok((table, Vec::new()));
+        };
+        if let Some(input) = method_state {
+            return Err(MethodError::WrongState {
+                job: self.kind(),
+                sent: match input {
+                    StateInput::Ghm { .. } => "last_step.acc_sum",
+                    StateInput::Seesaw { .. } => "last_step.seesaw",
+                    StateInput::Eqlv2 { .. } => "last_step.eqlv2",
+                },
+            });
+        }
+        let bins = method.spec.bins();
+        if ghm.bin_weights.len() != bins {
+            return Err(request(format!(
+                "last_step.bin_weights has {} entries: the job has {bins} bins",
+                ghm.bin_weights.len()
+            )));
+        }
+        if let Some((index, value)) = first_bad(&ghm.bin_weights) {
+            return Err(request(format!(
+                "last_step.bin_weights[{index}] = {value}: must be finite and >= 0"
+            )));
+        }
+        let acc_bins = if method.spec.uses_ema() { bins } else { 0 };
+        if ghm.acc_sum.len() != acc_bins {
+            return Err(request(format!(
+                "last_step.acc_sum has {} entries: the job's responses carry {acc_bins}",
+                ghm.acc_sum.len()
+            )));
+        }
+        if let Some((index, value)) = first_bad(&ghm.acc_sum) {
+            return Err(request(format!(
+                "last_step.acc_sum[{index}] = {value}: must be finite and >= 0"
+            )));
+        }
+        if !(ghm.tot.is_finite() && ghm.tot >= 0.0) {
+            return Err(request(format!(
+                "last_step.tot = {}: must be finite and >= 0",
+                ghm.tot
+            )));
+        }
+        if ghm.nonempty_bins as usize > bins {
+            return Err(request(format!(
+                "last_step.nonempty_bins = {}: the job has {bins} bins",
+                ghm.nonempty_bins
+            )));
+        }
+        let table = BinTable::from_bin_weights(&ghm.bin_weights, ghm.tot, ghm.nonempty_bins);
+        Ok((AnyTable::Ghm(table), ghm.acc_sum.clone()))
+    }
+}
+
+/// A job's method as a state file records it (`persist::format`, version 3): a code byte, a size
+/// (bins or classes), parameters by their f64 bits, then the state as float32 arrays. Written
+/// here, beside the methods, so that a new method needs no change to the file format's code.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MethodRecord {
+    pub code: u8,
+    pub size: u32,
+    pub parameters: Vec<f64>,
+}
+
+/// The codes a state file gives the methods, with the parameters each records.
+const RECORD_CODES: [(u8, usize); 4] = [(0, 2), (1, 2), (2, 3), (3, 3)];
+
+impl MethodSpec {
+    pub fn record(&self) -> MethodRecord {
+        let (code, size, parameters) = match self {
+            Self::Ghm(ghm) => (
+                match ghm.spec.loss() {
+                    Loss::GhmC => 0,
+                    Loss::GhmR => 1,
+                },
+                ghm.spec.bins(),
+                vec![ghm.spec.momentum(), ghm.spec.mu()],
+            ),
+            Self::Seesaw(seesaw) => (
+                2,
+                seesaw.num_classes(),
+                vec![seesaw.p(), seesaw.q(), seesaw.eps()],
+            ),
+            Self::Eqlv2(eqlv2) => (
+                3,
+                eqlv2.num_classes(),
+                vec![eqlv2.gamma(), eqlv2.mu(), eqlv2.alpha()],
+            ),
+        };
+        MethodRecord {
+            code,
+            size: size as u32,
+            parameters,
+        }
+    }
+
+    /// How many parameters a record of `code` holds; `None` for a code no method has.
+    pub fn record_parameters(code: u8) -> Option<usize> {
+        RECORD_CODES
+            .iter()
+            .find(|(known, _)| *known == code)
+            .map(|(_, parameters)| *parameters)
+    }
+
+    /// The method a record describes, checked as a CreateJob's spec is.
+    pub fn from_record(record: &MethodRecord) -> Result<Self, String> {
+        let parameter = |index: usize| record.parameters.get(index).copied().unwrap_or(f64::NAN);
+        let (size, p0, p1, p2) = (record.size, parameter(0), parameter(1), parameter(2));
+        match record.code {
+            0 | 1 => {
+                let loss = if record.code == 0 {
+                    Loss::GhmC
+                } else {
+                    Loss::GhmR
+                };
+                ghm::Spec::new(loss, size, p0, p1)
+                    .map(|spec| Self::Ghm(Ghm { spec }))
+                    .map_err(|e| e.to_string())
+            }
+            2 => Seesaw::new(size, p0, p1, p2)
+                .map(Self::Seesaw)
+                .map_err(|e| e.to_string()),
+            3 => Eqlv2::new(size, p0, p1, p2)
+                .map(Self::Eqlv2)
+                .map_err(|e| e.to_string()),
+            other => Err(format!("unknown method code {other}")),
+        }
+    }
+
+    /// The float32 arrays its state is recorded as.
+    pub fn state_arrays(&self) -> usize {
+        match self {
+            Self::Ghm(_) | Self::Seesaw(_) => 1,
+            Self::Eqlv2(_) => 3,
+        }
+    }
+
+    /// The state recorded as `arrays` ([`AnyState::arrays`]), checked as a restored one is.
+    pub fn state_from_arrays(&self, arrays: Vec<Vec<f32>>) -> Result<AnyState, MethodError> {
+        let mut arrays = arrays.into_iter();
+        let mut next = || arrays.next().unwrap_or_default();
+        let input = match self {
+            Self::Ghm(_) => StateInput::Ghm { acc_sum: next() },
+            Self::Seesaw(_) => StateInput::Seesaw {
+                cum_samples: next(),
+            },
+            Self::Eqlv2(_) => StateInput::Eqlv2 {
+                pos_grad: next(),
+                neg_grad: next(),
+                pos_neg: next(),
+            },
+        };
+        self.state_from_input(input, false)
+    }
+}
+
+impl AnyState {
+    /// The state as the float32 arrays a state file records.
+    pub fn arrays(&self) -> Vec<&[f32]> {
+        match self {
+            Self::Ghm(density) => vec![density.acc_sum()],
+            Self::Seesaw(state) => vec![state.cum_samples()],
+            Self::Eqlv2(state) => vec![state.pos_grad(), state.neg_grad(), state.pos_neg()],
         }
     }
 }

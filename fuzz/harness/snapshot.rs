@@ -10,6 +10,7 @@
 //! not a finite number >= 0.
 
 use ghmd::jobs::{BatchInput, JobError, Registry, RegistryLimits, StepInput};
+use ghmd::method::{AnyTable, MethodSpec};
 use ghmd::persist::{HEADER_LEN, MAGIC, VERSION, decode, encode};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -91,21 +92,20 @@ pub fn run(data: &[u8]) -> Outcome {
                 }
             };
             let _ = job.snapshot();
-            let bins = spec.ghm.bins();
-            let mut counts = vec![0u64; bins];
-            counts[bins / 2] = 3;
             // Step-synchronous jobs wait for their other ranks until step_timeout, which the
             // paused clock skips; an asynchronous one is weighed at once.
             let input = StepInput {
                 step: next_step,
                 rank: 0,
-                batch: BatchInput::Histogram { counts, tot: 3.0 },
+                batch: contribution_of(&spec.method),
                 label_weights: None,
             };
             match registry.harmonize(&id, input).await {
                 Ok(outcome) => {
-                    for w in outcome.applied.table.bin_weights() {
-                        assert!(w.is_finite() && *w >= 0.0, "{id}: bin weight {w}");
+                    if let AnyTable::Ghm(table) = &outcome.applied.table {
+                        for w in table.bin_weights() {
+                            assert!(w.is_finite() && *w >= 0.0, "{id}: bin weight {w}");
+                        }
                     }
                     weighed += 1;
                 }
@@ -114,4 +114,30 @@ pub fn run(data: &[u8]) -> Outcome {
         }
         Outcome::Loaded { weighed }
     })
+}
+
+/// A small valid contribution to a job of `method`.
+fn contribution_of(method: &MethodSpec) -> BatchInput {
+    match method {
+        MethodSpec::Ghm(ghm) => {
+            let bins = ghm.spec.bins();
+            let mut counts = vec![0u64; bins];
+            counts[bins / 2] = 3;
+            BatchInput::Histogram { counts, tot: 3.0 }
+        }
+        MethodSpec::Seesaw(seesaw) => {
+            let mut counts = vec![0u64; seesaw.labels()];
+            counts[0] = 3;
+            BatchInput::SeesawCounts(counts)
+        }
+        MethodSpec::Eqlv2(eqlv2) => {
+            let ones: Vec<u8> = std::iter::repeat_n(1.0f32.to_le_bytes(), eqlv2.num_classes())
+                .flatten()
+                .collect();
+            BatchInput::Eqlv2 {
+                pos_grad: ones.clone().into(),
+                neg_grad: ones.into(),
+            }
+        }
+    }
 }

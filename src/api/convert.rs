@@ -7,12 +7,15 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::status::missing;
+use crate::eqlv2::{self, Eqlv2};
 use crate::ghm::{self, Loss};
 use crate::jobs::{
     BatchInput, Fence, JobSnapshot, JobSpec, JobUpdate, Reseed, SeedState, SeedStep, StepInput,
     StepOutcome, WorldSizeChange, check_world_size,
 };
+use crate::method::{AnyState, AnyTable, Ghm, GhmStepInput, MethodSpec, StateInput};
 use crate::proto;
+use crate::seesaw::{self, Seesaw};
 
 /// The step timeout of a job that does not set one, as the contract documents.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,9 +76,7 @@ pub fn spec_from_proto(
     max_step_timeout: Duration,
 ) -> Result<JobSpec, Status> {
     let spec = spec.ok_or_else(|| missing("spec"))?;
-    let loss = loss_from_proto(spec.loss)?;
-    let ghm = ghm::Spec::new(loss, spec.bins, spec.momentum, spec.mu)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let method = method_from_proto(&spec)?;
     // Checked here too, and not only by the registry, so that a request wrong in several
     // fields hears of its world size before its step timeout, as it always has.
     check_world_size("spec.world_size", spec.world_size).map_err(Status::invalid_argument)?;
@@ -84,36 +85,135 @@ pub fn spec_from_proto(
         None => DEFAULT_STEP_TIMEOUT.min(max_step_timeout),
     };
     Ok(JobSpec {
-        ghm,
+        method,
         world_size: spec.world_size,
         step_timeout,
         allow_partial_steps: spec.allow_partial_steps,
     })
 }
 
+/// The method a spec names: GHM when the `method` oneof is unset (as every client written
+/// before Seesaw and EQLv2 sends it), else the oneof's, with GHM's fields left at 0.
+fn method_from_proto(spec: &proto::JobSpec) -> Result<MethodSpec, Status> {
+    use proto::job_spec::Method as ProtoMethod;
+    let invalid = |e: &dyn std::fmt::Display| Status::invalid_argument(e.to_string());
+    let Some(method) = &spec.method else {
+        let loss = loss_from_proto(spec.loss)?;
+        let ghm =
+            ghm::Spec::new(loss, spec.bins, spec.momentum, spec.mu).map_err(|e| invalid(&e))?;
+        return Ok(MethodSpec::Ghm(Ghm { spec: ghm }));
+    };
+    let name = match method {
+        ProtoMethod::Seesaw(_) => "seesaw",
+        ProtoMethod::Eqlv2(_) => "eqlv2",
+    };
+    let ghm_field = if spec.loss != 0 {
+        Some(format!("spec.loss = {}", spec.loss))
+    } else if spec.bins != 0 {
+        Some(format!("spec.bins = {}", spec.bins))
+    } else if spec.momentum != 0.0 {
+        Some(format!("spec.momentum = {}", spec.momentum))
+    } else if spec.mu != 0.0 {
+        Some(format!("spec.mu = {}", spec.mu))
+    } else {
+        None
+    };
+    if let Some(field) = ghm_field {
+        return Err(Status::invalid_argument(format!(
+            "{field}: loss, bins, momentum and mu are GHM's; a {name} job leaves them unset \
+             (spec.{name} holds its parameters)"
+        )));
+    }
+    Ok(match method {
+        ProtoMethod::Seesaw(seesaw) => MethodSpec::Seesaw(
+            Seesaw::new(
+                seesaw.num_classes,
+                seesaw.p.unwrap_or(seesaw::DEFAULT_P),
+                seesaw.q.unwrap_or(seesaw::DEFAULT_Q),
+                seesaw.eps.unwrap_or(seesaw::DEFAULT_EPS),
+            )
+            .map_err(|e| invalid(&e))?,
+        ),
+        ProtoMethod::Eqlv2(eqlv2) => MethodSpec::Eqlv2(
+            Eqlv2::new(
+                eqlv2.num_classes,
+                eqlv2.gamma.unwrap_or(eqlv2::DEFAULT_GAMMA),
+                eqlv2.mu.unwrap_or(eqlv2::DEFAULT_MU),
+                eqlv2.alpha.unwrap_or(eqlv2::DEFAULT_ALPHA),
+            )
+            .map_err(|e| invalid(&e))?,
+        ),
+    })
+}
+
 pub fn spec_to_proto(spec: &JobSpec) -> proto::JobSpec {
-    proto::JobSpec {
-        loss: loss_to_proto(spec.ghm.loss()).into(),
-        bins: spec.ghm.bins() as u32,
-        momentum: spec.ghm.momentum(),
-        mu: spec.ghm.mu(),
+    use proto::job_spec::Method as ProtoMethod;
+    let mut message = proto::JobSpec {
         world_size: spec.world_size,
         step_timeout: Some(duration_to_proto(spec.step_timeout)),
         allow_partial_steps: spec.allow_partial_steps,
-        method: None,
+        ..Default::default()
+    };
+    match &spec.method {
+        MethodSpec::Ghm(ghm) => {
+            message.loss = loss_to_proto(ghm.spec.loss()).into();
+            message.bins = ghm.spec.bins() as u32;
+            message.momentum = ghm.spec.momentum();
+            message.mu = ghm.spec.mu();
+        }
+        MethodSpec::Seesaw(seesaw) => {
+            message.method = Some(ProtoMethod::Seesaw(proto::SeesawSpec {
+                num_classes: seesaw.num_classes() as u32,
+                p: Some(seesaw.p()),
+                q: Some(seesaw.q()),
+                eps: Some(seesaw.eps()),
+            }));
+        }
+        MethodSpec::Eqlv2(eqlv2) => {
+            message.method = Some(ProtoMethod::Eqlv2(proto::Eqlv2Spec {
+                num_classes: eqlv2.num_classes() as u32,
+                gamma: Some(eqlv2.gamma()),
+                mu: Some(eqlv2.mu()),
+                alpha: Some(eqlv2.alpha()),
+            }));
+        }
+    }
+    message
+}
+
+fn seesaw_state(cum_samples: &[f32]) -> proto::SeesawState {
+    proto::SeesawState {
+        cum_samples: cum_samples.to_vec(),
+    }
+}
+
+fn eqlv2_state(state: &crate::eqlv2::Eqlv2State) -> proto::Eqlv2State {
+    proto::Eqlv2State {
+        pos_grad: state.pos_grad().to_vec(),
+        neg_grad: state.neg_grad().to_vec(),
+        pos_neg: state.pos_neg().to_vec(),
     }
 }
 
 pub fn job_to_proto(job: JobSnapshot) -> proto::Job {
+    use proto::job_state::MethodState;
+    let (acc_sum, method_state) = match &job.state {
+        AnyState::Ghm(density) => (density.acc_sum().to_vec(), None),
+        AnyState::Seesaw(state) => (
+            Vec::new(),
+            Some(MethodState::Seesaw(seesaw_state(state.cum_samples()))),
+        ),
+        AnyState::Eqlv2(state) => (Vec::new(), Some(MethodState::Eqlv2(eqlv2_state(state)))),
+    };
     proto::Job {
         spec: Some(spec_to_proto(&job.spec)),
         state: Some(proto::JobState {
-            acc_sum: job.acc_sum,
+            acc_sum,
             steps: job.steps,
             elements: job.elements,
             next_step: job.next_step,
             generation: job.generation,
-            method_state: None,
+            method_state,
         }),
         create_time: Some(job.create_time.into()),
         update_time: Some(job.update_time.into()),
@@ -138,9 +238,30 @@ pub fn step_input_from_proto(
             counts: histogram.counts,
             tot: histogram.tot,
         },
-        Some(Input::Seesaw(_) | Input::Eqlv2(_)) | None => {
+        Some(Input::Seesaw(seesaw)) => {
+            match (seesaw.label_counts.is_empty(), seesaw.labels.is_empty()) {
+                (false, false) => {
+                    return Err(Status::invalid_argument(format!(
+                        "job {:?}: seesaw has both label_counts ({} entries) and labels ({}): \
+                         send one of the two",
+                        request.job_id,
+                        seesaw.label_counts.len(),
+                        seesaw.labels.len()
+                    )));
+                }
+                (false, true) => BatchInput::SeesawCounts(seesaw.label_counts),
+                // Both empty: a batch without samples, which counts nothing, as the reference.
+                (true, _) => BatchInput::SeesawLabels(seesaw.labels),
+            }
+        }
+        Some(Input::Eqlv2(eqlv2)) => BatchInput::Eqlv2 {
+            pos_grad: eqlv2.pos_grad,
+            neg_grad: eqlv2.neg_grad,
+        },
+        None => {
             return Err(Status::invalid_argument(format!(
-                "job {:?}: input is required: set gradient_norms, residuals or histogram",
+                "job {:?}: input is required: set gradient_norms, residuals or histogram (GHM), \
+                 seesaw or eqlv2",
                 request.job_id
             )));
         }
@@ -160,21 +281,42 @@ pub fn step_input_from_proto(
 }
 
 pub fn outcome_to_proto(job_id: String, outcome: StepOutcome) -> proto::HarmonizeResponse {
+    use proto::harmonize_response::MethodState;
     let applied = &outcome.applied;
+    let (bin_weights, tot, nonempty_bins, method_state) = match &applied.table {
+        AnyTable::Ghm(table) => (
+            table.bin_weights().to_vec(),
+            table.tot,
+            table.nonempty_bins,
+            None,
+        ),
+        AnyTable::Seesaw(cum_samples) => (
+            Vec::new(),
+            0.0,
+            0,
+            Some(MethodState::Seesaw(seesaw_state(cum_samples))),
+        ),
+        AnyTable::Eqlv2(state) => (
+            Vec::new(),
+            0.0,
+            0,
+            Some(MethodState::Eqlv2(eqlv2_state(state))),
+        ),
+    };
     proto::HarmonizeResponse {
         job_id,
         step: outcome.step,
         weights: outcome.weights.map(Into::into).unwrap_or_default(),
-        bin_weights: applied.table.bin_weights().to_vec(),
-        tot: applied.table.tot,
-        nonempty_bins: applied.table.nonempty_bins,
+        bin_weights,
+        tot,
+        nonempty_bins,
         acc_sum: applied.acc_sum.clone(),
         missing_ranks: applied.missing_ranks.clone(),
         steps: applied.counters.steps,
         elements: applied.counters.elements,
         next_step: applied.counters.next_step,
         generation: applied.counters.generation,
-        method_state: None,
+        method_state,
     }
 }
 
@@ -184,23 +326,45 @@ pub fn reseed_from_proto(
     request: proto::ReseedJobRequest,
     max_step_timeout: Duration,
 ) -> Result<(String, Reseed), Status> {
+    use proto::applied_step::MethodState;
     let spec = spec_from_proto(request.spec, max_step_timeout)?;
     let state = request.state.ok_or_else(|| missing("state"))?;
-    let last_step = request.last_step.map(|last| SeedStep {
-        step: last.step,
-        bin_weights: last.bin_weights,
-        tot: last.tot,
-        nonempty_bins: last.nonempty_bins,
-        acc_sum: last.acc_sum,
-        missing_ranks: last.missing_ranks,
-    });
+    let last_step = request
+        .last_step
+        .map(|last| {
+            let method_state = match last.method_state {
+                None => None,
+                Some(MethodState::Seesaw(seesaw)) => Some(StateInput::Seesaw {
+                    cum_samples: seesaw.cum_samples,
+                }),
+                Some(MethodState::Eqlv2(eqlv2)) => Some(eqlv2_input(eqlv2)),
+            };
+            if method_state.is_some() && !(last.bin_weights.is_empty() && last.acc_sum.is_empty()) {
+                return Err(Status::invalid_argument(
+                    "last_step: bin_weights and acc_sum are GHM's; a step with a seesaw or eqlv2 \
+                     state leaves them empty",
+                ));
+            }
+            Ok(SeedStep {
+                step: last.step,
+                ghm: GhmStepInput {
+                    bin_weights: last.bin_weights,
+                    tot: last.tot,
+                    nonempty_bins: last.nonempty_bins,
+                    acc_sum: last.acc_sum,
+                },
+                method_state,
+                missing_ranks: last.missing_ranks,
+            })
+        })
+        .transpose()?;
     Ok((
         request.job_id,
         Reseed {
             spec,
             run_id: request.run_id,
             state: SeedState {
-                acc_sum: state.acc_sum,
+                state: state_input_from_proto(state.acc_sum, state.method_state)?,
                 steps: state.steps,
                 elements: state.elements,
                 next_step: state.next_step,
@@ -209,6 +373,62 @@ pub fn reseed_from_proto(
             last_step,
         },
     ))
+}
+
+/// A response's state as a JobState's (for ReseedJob and checkpoints): the three oneofs hold the
+/// same messages, and proto gives each its own Rust type.
+pub fn state_of_job(
+    state: proto::harmonize_response::MethodState,
+) -> proto::job_state::MethodState {
+    use proto::harmonize_response::MethodState as Response;
+    use proto::job_state::MethodState;
+    match state {
+        Response::Seesaw(state) => MethodState::Seesaw(state),
+        Response::Eqlv2(state) => MethodState::Eqlv2(state),
+    }
+}
+
+/// A response's state as ReseedJobRequest.last_step's.
+pub fn state_of_applied_step(
+    state: proto::harmonize_response::MethodState,
+) -> proto::applied_step::MethodState {
+    use proto::applied_step::MethodState;
+    use proto::harmonize_response::MethodState as Response;
+    match state {
+        Response::Seesaw(state) => MethodState::Seesaw(state),
+        Response::Eqlv2(state) => MethodState::Eqlv2(state),
+    }
+}
+
+fn eqlv2_input(eqlv2: proto::Eqlv2State) -> StateInput {
+    StateInput::Eqlv2 {
+        pos_grad: eqlv2.pos_grad,
+        neg_grad: eqlv2.neg_grad,
+        pos_neg: eqlv2.pos_neg,
+    }
+}
+
+/// A JobState's statistic as the client sent it: GHM's `acc_sum` when `method_state` is unset.
+pub fn state_input_from_proto(
+    acc_sum: Vec<f32>,
+    method_state: Option<proto::job_state::MethodState>,
+) -> Result<StateInput, Status> {
+    use proto::job_state::MethodState;
+    let input = match method_state {
+        None => return Ok(StateInput::Ghm { acc_sum }),
+        Some(MethodState::Seesaw(seesaw)) => StateInput::Seesaw {
+            cum_samples: seesaw.cum_samples,
+        },
+        Some(MethodState::Eqlv2(eqlv2)) => eqlv2_input(eqlv2),
+    };
+    if !acc_sum.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "state.acc_sum has {} entries: it is GHM's; a state with a seesaw or eqlv2 member \
+             leaves it empty",
+            acc_sum.len()
+        )));
+    }
+    Ok(input)
 }
 
 pub fn update_from_proto(request: &proto::UpdateJobRequest) -> Result<JobUpdate, Status> {

@@ -12,8 +12,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::access::{access_of, authorize, owner_of};
 use super::convert::{
-    job_to_proto, outcome_to_proto, reseed_from_proto, spec_from_proto, step_input_from_proto,
-    update_from_proto,
+    job_to_proto, outcome_to_proto, reseed_from_proto, spec_from_proto, state_input_from_proto,
+    step_input_from_proto, update_from_proto,
 };
 use super::routing::Routing;
 use super::status::missing;
@@ -229,9 +229,10 @@ impl Harmonizer for HarmonizerService {
     ) -> Result<Response<Job>, Status> {
         let (_, request) = self.job_call(request)?;
         let state = request.state.ok_or_else(|| missing("state"))?;
+        let state_input = state_input_from_proto(state.acc_sum, state.method_state)?;
         let job = self.registry.restore(
             &request.job_id,
-            state.acc_sum,
+            state_input,
             state.steps,
             state.elements,
             state.next_step,

@@ -2,7 +2,7 @@
 //! nothing of bins; the registry and the math below it know nothing of gRPC.
 
 mod access;
-mod convert;
+pub(crate) mod convert;
 pub mod error_info;
 mod harmonizer;
 pub mod routing;

@@ -14,6 +14,7 @@ impl From<JobError> for Status {
             JobError::InvalidJobId { .. }
             | JobError::InvalidSpec(_)
             | JobError::Input { .. }
+            | JobError::Method { .. }
             | JobError::InvalidRequest { .. } => (Code::InvalidArgument, None, None),
             JobError::NotFound { .. } => (Code::NotFound, Some(JOB_NOT_HERE), None),
             JobError::AlreadyExists { .. } => (Code::AlreadyExists, None, None),

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 use super::{Client, ClientError, ClientOptions, job_request};
+use crate::api::convert::{state_of_applied_step, state_of_job};
 use crate::api::error_info::{JOB_NOT_HERE, RUN_ACTIVE, RUN_REPLACED, STALE_COPY, reason_of};
 use crate::proto::{
     AppliedStep, HarmonizeRequest, HarmonizeResponse, Job, JobSpec, JobState, ReseedJobRequest,
@@ -34,7 +35,7 @@ pub fn acknowledged_state(response: &HarmonizeResponse) -> JobState {
         elements: response.elements,
         next_step: response.next_step,
         generation: response.generation,
-        method_state: None,
+        method_state: response.method_state.clone().map(state_of_job),
     }
 }
 
@@ -47,7 +48,7 @@ pub fn applied_step(response: &HarmonizeResponse) -> AppliedStep {
         nonempty_bins: response.nonempty_bins,
         acc_sum: response.acc_sum.clone(),
         missing_ranks: response.missing_ranks.clone(),
-        method_state: None,
+        method_state: response.method_state.clone().map(state_of_applied_step),
     }
 }
 

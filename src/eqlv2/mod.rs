@@ -65,6 +65,8 @@ pub enum Error {
         expected: usize,
         got: usize,
     },
+    #[error("{field} has {len} bytes, not a multiple of 4: expected little-endian float32")]
+    NotFloat32 { field: Field, len: usize },
     #[error("{field}[{index}] = {value:e}: must be finite and >= 0")]
     BadValue {
         field: Field,
@@ -76,6 +78,14 @@ pub enum Error {
         field: Field,
         index: usize,
         rank: usize,
+    },
+    #[error(
+        "state.eqlv2.pos_neg[{index}] = {value:e}: must be pos_grad[{index}] / (neg_grad[{index}] + 1e-10) = {expected:e}"
+    )]
+    InconsistentPosNeg {
+        index: usize,
+        value: f32,
+        expected: f32,
     },
     #[error("{field}[{index}]: this step would make it {value:e}, outside float32")]
     StateOverflow {
@@ -176,10 +186,31 @@ impl Eqlv2 {
 
     /// Checks a state against this job: what a restore or a state file brings must be a state
     /// of a job with this class count.
+    /// `pos_neg` is derived from the two sums, so a state whose `pos_neg` is not what they give
+    /// was not made by steps: a mixed-up checkpoint, which would weigh with one statistic and
+    /// accumulate another. A class with no gradient yet may hold 0 (stepped) or the initial 100.
     pub fn check_state(&self, state: &Eqlv2State) -> Result<(), Error> {
         self.check_values(Field::StatePosGrad, &state.pos_grad)?;
         self.check_values(Field::StateNegGrad, &state.neg_grad)?;
-        self.check_values(Field::StatePosNeg, &state.pos_neg)
+        self.check_values(Field::StatePosNeg, &state.pos_neg)?;
+        let derived = state
+            .pos_grad
+            .iter()
+            .zip(&state.neg_grad)
+            .map(|(pos, neg)| pos / (neg + NEG_GRAD_FLOOR));
+        for (index, (value, expected)) in state.pos_neg.iter().zip(derived).enumerate() {
+            let untouched = state.pos_grad[index] == 0.0
+                && state.neg_grad[index] == 0.0
+                && *value == INITIAL_POS_NEG;
+            if value.to_bits() != expected.to_bits() && !untouched {
+                return Err(Error::InconsistentPosNeg {
+                    index,
+                    value: *value,
+                    expected,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The weights of a step from the `pos_neg` before it, in the reference's float32 operations:
@@ -201,6 +232,21 @@ impl Eqlv2 {
 
 /// One rank's column sums for one step, C entries each (the objectness channel is not
 /// collected); also a step's total over its ranks.
+/// A contribution's values as they travel: little-endian float32 packed in bytes, which may sit
+/// at any alignment in the request buffer.
+pub fn floats_from_le_bytes(field: Field, bytes: &[u8]) -> Result<Vec<f32>, Error> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(Error::NotFloat32 {
+            field,
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
+        .collect())
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct GradContribution {
     pub pos_grad: Vec<f32>,
@@ -229,17 +275,6 @@ impl Eqlv2State {
     }
 }
 
-/// What every rank of step t gets back.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Eqlv2Table {
-    /// `pos_neg` before step t: the one every rank's weights of step t had to come from, so a
-    /// rank can tell that it weighed with the shared statistic and not a stale one.
-    pub pos_neg_before: Vec<f32>,
-    /// `pos_neg` after step t: the weights of step t + 1, which is why the round trip can
-    /// overlap the next forward pass.
-    pub pos_neg: Vec<f32>,
-}
-
 /// A step's weights per channel, C + 1 entries (the last is objectness).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassWeights {
@@ -250,7 +285,10 @@ pub struct ClassWeights {
 impl Method for Eqlv2 {
     type Contribution = GradContribution;
     type State = Eqlv2State;
-    type Table = Eqlv2Table;
+    /// The whole state after the step: the weights of the next step come from its `pos_neg`
+    /// (which is why the round trip can overlap the next forward pass), and a client that keeps
+    /// it can checkpoint or reseed the job from its last response alone.
+    type Table = Eqlv2State;
     type Error = Error;
 
     fn initial_state(&self) -> Eqlv2State {
@@ -299,7 +337,7 @@ impl Method for Eqlv2 {
 
     /// `pos_grad += total.pos_grad`, `neg_grad += total.neg_grad`,
     /// `pos_neg = pos_grad / (neg_grad + 1e-10)`, all float32.
-    fn fold(&self, state: &mut Eqlv2State, total: &GradContribution) -> Result<Eqlv2Table, Error> {
+    fn fold(&self, state: &mut Eqlv2State, total: &GradContribution) -> Result<Eqlv2State, Error> {
         self.check_length(Field::PosGrad, total.pos_grad.len())?;
         self.check_length(Field::NegGrad, total.neg_grad.len())?;
         self.check_length(Field::StatePosGrad, state.pos_grad.len())?;
@@ -334,13 +372,12 @@ impl Method for Eqlv2 {
                 });
             }
         }
-        let pos_neg_before = std::mem::replace(&mut state.pos_neg, pos_neg);
-        state.pos_grad = pos_grad;
-        state.neg_grad = neg_grad;
-        Ok(Eqlv2Table {
-            pos_neg_before,
-            pos_neg: state.pos_neg.clone(),
-        })
+        *state = Eqlv2State {
+            pos_grad,
+            neg_grad,
+            pos_neg,
+        };
+        Ok(state.clone())
     }
 }
 
@@ -410,8 +447,12 @@ mod tests {
     #[test]
     fn a_step_that_would_leave_float32_changes_nothing() {
         let method = eqlv2(2);
+        let pos_neg = vec![
+            1.0 / (1.0 + NEG_GRAD_FLOOR),
+            f32::MAX / (1.0 + NEG_GRAD_FLOOR),
+        ];
         let mut state = method
-            .state_from_parts(vec![1.0, f32::MAX], vec![1.0, 1.0], vec![1.0, 1.0])
+            .state_from_parts(vec![1.0, f32::MAX], vec![1.0, 1.0], pos_neg)
             .unwrap();
         let before = state.clone();
         let err = method
@@ -486,18 +527,45 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_the_statistic_before_and_after_the_step() {
+    fn the_table_is_the_state_after_the_step() {
         let method = eqlv2(2);
         let mut state = method.initial_state();
+        assert_eq!(state.pos_neg(), [INITIAL_POS_NEG; 2]);
         let table = method
             .step(&mut state, vec![contribution(&[2.0, 0.0], &[4.0, 1.0])])
             .unwrap();
-        assert_eq!(table.pos_neg_before, [INITIAL_POS_NEG; 2]);
-        assert_eq!(table.pos_neg, [2.0f32 / (4.0 + 1e-10), 0.0]);
-        assert_eq!(state.pos_neg(), table.pos_neg);
-        let next = method
-            .step(&mut state, vec![contribution(&[1.0, 1.0], &[0.0, 0.0])])
+        assert_eq!(table.pos_neg(), [2.0f32 / (4.0 + 1e-10), 0.0]);
+        assert_eq!(table, state);
+    }
+
+    #[test]
+    fn a_restored_pos_neg_must_be_what_its_gradients_give() {
+        let method = eqlv2(2);
+        let mut stepped = method.initial_state();
+        method
+            .step(&mut stepped, vec![contribution(&[2.0, 0.0], &[4.0, 0.0])])
             .unwrap();
-        assert_eq!(next.pos_neg_before, table.pos_neg);
+        let parts = |state: &Eqlv2State| {
+            (
+                state.pos_grad().to_vec(),
+                state.neg_grad().to_vec(),
+                state.pos_neg().to_vec(),
+            )
+        };
+        let (pos, neg, pos_neg) = parts(&stepped);
+        assert_eq!(
+            method.state_from_parts(pos.clone(), neg.clone(), pos_neg.clone()),
+            Ok(stepped)
+        );
+        // A class never seen may keep the initial 100, as a fresh reference buffer does.
+        let fresh = parts(&method.initial_state());
+        assert!(method.state_from_parts(fresh.0, fresh.1, fresh.2).is_ok());
+        let mut wrong = pos_neg;
+        wrong[0] = 0.25;
+        let refused = method.state_from_parts(pos, neg, wrong).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "state.eqlv2.pos_neg[0] = 2.5e-1: must be pos_grad[0] / (neg_grad[0] + 1e-10) = 5e-1"
+        );
     }
 }

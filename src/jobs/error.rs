@@ -1,6 +1,7 @@
 //! Why the registry refused a request; `api::status` maps each kind to one gRPC code.
 
 use crate::ghm::InputError;
+use crate::method::MethodError;
 
 /// Why the registry refused a request. Each variant maps to one gRPC status in `api::status`.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,13 @@ pub enum JobError {
         id: String,
         #[source]
         source: InputError,
+    },
+    /// A request or state the job's method refuses; the message names the field and index.
+    #[error("job {id:?}: {source}")]
+    Method {
+        id: String,
+        #[source]
+        source: MethodError,
     },
     #[error("job {id:?}: {reason}")]
     InvalidRequest { id: String, reason: String },

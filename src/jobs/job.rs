@@ -13,44 +13,17 @@ use parking_lot::Mutex;
 
 use super::budget::{self, JobCharge};
 use super::lineage::{Counters, Fence, check_fence};
-use super::step_sum::CountsSum;
+use super::step_sum::StepTotal;
 use super::sync::{
     Deadline, Deliveries, JoinRefusal, Joined, ReadyStep, ScheduleRefusal, StepBarrier,
-    StepFailure, WorldSizeChange,
+    StepFailure, StepResult, WorldSizeChange,
 };
 use super::{JobError, JobSpec, StepObserver, check_world_size};
-use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
-
-/// What a request brings to a step.
-#[derive(Clone, Debug)]
-pub enum BatchInput {
-    /// Little-endian float32 g per element.
-    GradientNorms(Bytes),
-    /// Little-endian float32 residuals `d = pred - target` (GHM-R only).
-    Residuals(Bytes),
-    /// Bin counts the client computed itself, with its raw tot.
-    Histogram { counts: Vec<u64>, tot: f64 },
-}
-
-impl BatchInput {
-    /// Elements the kernels will walk over: what decides whether a batch is worth moving off
-    /// the async runtime.
-    pub fn element_count(&self) -> usize {
-        match self {
-            Self::GradientNorms(bytes) | Self::Residuals(bytes) => bytes.len() / 4,
-            Self::Histogram { .. } => 0,
-        }
-    }
-
-    /// The request field that carries the elements; `None` for a histogram, which has none.
-    pub fn element_field(&self) -> Option<InputField> {
-        match self {
-            Self::GradientNorms(_) => Some(InputField::GradientNorms),
-            Self::Residuals(_) => Some(InputField::Residuals),
-            Self::Histogram { .. } => None,
-        }
-    }
-}
+pub use crate::method::BatchInput;
+use crate::method::{
+    AnyContribution, AnyState, AnyTable, JobMethod, Method, MethodError, MethodKind, MethodSpec,
+    Prepared, StateInput,
+};
 
 #[derive(Clone, Debug)]
 pub struct StepInput {
@@ -64,8 +37,9 @@ pub struct StepInput {
 /// The outcome of one applied step, the same for every rank that took part in it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppliedStep {
-    pub table: BinTable,
-    /// The density after the step; empty when the job has no EMA.
+    pub table: AnyTable,
+    /// GHM's density after the step; empty when the job has no EMA, and for other methods
+    /// (whose table is their state).
     pub acc_sum: Vec<f32>,
     /// Ranks the step was applied without (partial steps only).
     pub missing_ranks: Vec<u32>,
@@ -89,7 +63,8 @@ pub struct JobSnapshot {
     pub id: String,
     /// `spec.world_size` is the latest world size decided (the last entry of the schedule).
     pub spec: JobSpec,
-    pub acc_sum: Vec<f32>,
+    /// The method's statistic, of the spec's method.
+    pub state: AnyState,
     pub steps: u64,
     pub elements: u64,
     /// Step-synchronous jobs: the next step to apply; 0 for asynchronous jobs.
@@ -126,13 +101,13 @@ pub struct JobUpdate {
     pub allow_partial_steps: Option<bool>,
 }
 
-/// The step barrier of a job: each rank's batch counts are added to its step's sum, every rank
+/// The step barrier of a job: each rank's contribution is added to its step's total, every rank
 /// of a step gets the step's applied outcome.
-type Barrier = StepBarrier<CountsSum, Arc<AppliedStep>>;
+type Barrier = StepBarrier<StepTotal, Arc<AppliedStep>>;
 
 /// What the steps of a job have made of it.
 struct Progress {
-    density: Density,
+    state: AnyState,
     steps: u64,
     elements: u64,
     /// The lineage's generation: advanced when the state is put in place from outside.
@@ -150,8 +125,7 @@ struct JobState {
 
 pub struct Job {
     id: String,
-    ghm: ghm::Spec,
-    edges: BinEdges,
+    method: JobMethod,
     run_id: String,
     create_time: SystemTime,
     context: Arc<JobContext>,
@@ -160,20 +134,6 @@ pub struct Job {
     /// A `parking_lot` mutex and not a tokio one: it is never held across an await, and the
     /// critical sections are O(bins) updates, so blocking briefly beats a queue of wakers.
     state: Mutex<JobState>,
-}
-
-/// A batch after pass one: validated, its counts taken out, ready to be weighed once its step's
-/// table is known. It keeps one byte per element (its bin), not the request's norms and label
-/// weights, so that a step waiting for its other ranks holds an eighth of the memory.
-struct PreparedBatch {
-    /// `None` for a histogram input: there are no elements to weigh.
-    binned: Option<BinnedBatch>,
-}
-
-impl PreparedBatch {
-    fn element_count(&self) -> usize {
-        self.binned.as_ref().map_or(0, BinnedBatch::len)
-    }
 }
 
 impl Job {
@@ -192,14 +152,13 @@ impl Job {
                 0,
                 Vec::new(),
                 context.kept_steps,
-                CountsSum::new(spec.ghm.bins()),
+                StepTotal::new(&spec.method),
             ))
         });
         Self {
-            edges: BinEdges::new(spec.ghm.loss(), spec.ghm.bins()),
             state: Mutex::new(JobState {
                 progress: Progress {
-                    density: Density::new(spec.ghm.bins()),
+                    state: spec.method.initial_state(),
                     steps: 0,
                     elements: 0,
                     generation,
@@ -210,7 +169,7 @@ impl Job {
                 sync,
             }),
             id,
-            ghm: spec.ghm,
+            method: JobMethod::new(spec.method),
             run_id,
             create_time: now,
             context,
@@ -224,7 +183,14 @@ impl Job {
         context: Arc<JobContext>,
         charge: JobCharge,
     ) -> Result<Self, JobError> {
-        check_acc_sum(&snapshot.id, &snapshot.acc_sum, snapshot.spec.ghm.bins())?;
+        snapshot
+            .spec
+            .method
+            .check_state(&snapshot.state)
+            .map_err(|source| JobError::Method {
+                id: snapshot.id.clone(),
+                source,
+            })?;
         // A state file is input too: a world size past the API's limit would make every step
         // of the job list billions of missing ranks (the fuzzer found it).
         snapshot
@@ -246,14 +212,13 @@ impl Job {
                 snapshot.next_step,
                 snapshot.world_size_schedule.clone(),
                 context.kept_steps,
-                CountsSum::new(snapshot.spec.ghm.bins()),
+                StepTotal::new(&snapshot.spec.method),
             ))
         });
         Ok(Self {
-            edges: BinEdges::new(snapshot.spec.ghm.loss(), snapshot.spec.ghm.bins()),
             state: Mutex::new(JobState {
                 progress: Progress {
-                    density: Density::from_acc_sum(snapshot.acc_sum),
+                    state: snapshot.state,
                     steps: snapshot.steps,
                     elements: snapshot.elements,
                     // A state file from before generations holds generation 0: its jobs start
@@ -266,7 +231,7 @@ impl Job {
                 sync,
             }),
             id: snapshot.id,
-            ghm: snapshot.spec.ghm,
+            method: JobMethod::new(snapshot.spec.method),
             run_id: snapshot.run_id,
             create_time: snapshot.create_time,
             context,
@@ -287,8 +252,12 @@ impl Job {
         self.charge.bytes()
     }
 
-    pub fn loss(&self) -> Loss {
-        self.ghm.loss()
+    pub fn kind(&self) -> MethodKind {
+        self.method.spec().kind()
+    }
+
+    pub fn method(&self) -> &MethodSpec {
+        self.method.spec()
     }
 
     pub fn spec(&self) -> JobSpec {
@@ -298,7 +267,7 @@ impl Job {
 
     fn spec_locked(&self, state: &JobState) -> JobSpec {
         JobSpec {
-            ghm: self.ghm,
+            method: *self.method.spec(),
             world_size: state
                 .sync
                 .as_ref()
@@ -335,7 +304,7 @@ impl Job {
         JobSnapshot {
             id: self.id.clone(),
             spec: self.spec_locked(&state),
-            acc_sum: state.progress.density.acc_sum().to_vec(),
+            state: state.progress.state.clone(),
             steps: state.progress.steps,
             elements: state.progress.elements,
             next_step,
@@ -347,8 +316,8 @@ impl Job {
         }
     }
 
-    fn input_error(&self, source: ghm::InputError) -> JobError {
-        JobError::Input {
+    fn method_error(&self, source: MethodError) -> JobError {
+        JobError::Method {
             id: self.id.clone(),
             source,
         }
@@ -361,103 +330,37 @@ impl Job {
         }
     }
 
-    /// Pass one, outside any lock: checks the request against the job and counts its bins.
-    fn prepare(&self, input: &StepInput) -> Result<(PreparedBatch, BatchCounts), JobError> {
-        let spec = &self.ghm;
-        let label_weights = input.label_weights.clone();
-        let (binned, counts) = match &input.batch {
-            BatchInput::Histogram { counts, tot } => {
-                if label_weights.is_some() {
-                    return Err(self.invalid_request(
-                        "label_weights cannot go with a histogram: count only valid elements",
-                    ));
-                }
-                let counts = ghm::validate_histogram(spec.loss(), spec.bins(), counts, *tot)
-                    .map_err(|e| self.input_error(e))?;
-                (None, counts)
-            }
-            BatchInput::GradientNorms(bytes) => {
-                let (norms, weights) =
-                    ghm::float32_views(bytes, InputField::GradientNorms, label_weights.as_deref())
-                        .map_err(|e| self.input_error(e))?;
-                let binned = ghm::bin_batch(
-                    spec.loss(),
-                    &self.edges,
-                    norms,
-                    InputField::GradientNorms,
-                    weights,
-                )
-                .map_err(|e| self.input_error(e))?;
-                let counts = binned.counts().clone();
-                (Some(binned), counts)
-            }
-            BatchInput::Residuals(bytes) => {
-                if spec.loss() != Loss::GhmR {
-                    return Err(self.invalid_request(
-                        "residuals are for GHM-R jobs; send gradient_norms for GHM-C",
-                    ));
-                }
-                let (residuals, weights) =
-                    ghm::float32_views(bytes, InputField::Residuals, label_weights.as_deref())
-                        .map_err(|e| self.input_error(e))?;
-                let norms = ghm::norms_from_residuals(residuals, spec.mu())
-                    .map_err(|e| self.input_error(e))?;
-                let binned = ghm::bin_batch(
-                    spec.loss(),
-                    &self.edges,
-                    &norms,
-                    InputField::Residuals,
-                    weights,
-                )
-                .map_err(|e| self.input_error(e))?;
-                let counts = binned.counts().clone();
-                (Some(binned), counts)
-            }
-        };
-        let max_tot = max_tot(spec.momentum());
-        if counts.tot > max_tot {
-            let field = match input.batch {
-                BatchInput::Histogram { .. } => "histogram.tot",
-                _ => "tot (the sum of label_weights)",
-            };
-            return Err(self.invalid_request(format!(
-                "{field} = {:e}: above {max_tot:e}, the largest tot whose weights stay finite in \
-                 float32 with momentum {}",
-                counts.tot,
-                spec.momentum()
-            )));
-        }
-        Ok((PreparedBatch { binned }, counts))
+    /// Pass one, outside any lock: checks the request against the job and takes out its
+    /// contribution.
+    fn prepare(&self, input: &StepInput) -> Result<(Prepared, AnyContribution), JobError> {
+        self.method
+            .prepare(&input.batch, input.label_weights.as_deref())
+            .map_err(|e| self.method_error(e))
     }
 
-    /// The one place a job's density changes: called with the job's lock held.
+    /// The one place a job's statistic changes: called with the job's lock held. A total the
+    /// method refuses to fold changes nothing.
     fn apply_locked(
         &self,
         progress: &mut Progress,
-        counts: &BatchCounts,
+        total: &AnyContribution,
         ranks: usize,
         missing_ranks: Vec<u32>,
         next_step_after: u64,
-    ) -> Arc<AppliedStep> {
-        let table = progress.density.step(self.ghm.momentum(), counts);
+    ) -> Result<Arc<AppliedStep>, MethodError> {
+        let method = self.method.spec();
+        let table = method.fold(&mut progress.state, total)?;
+        let samples = total.samples();
         // Saturating like `elements`: a restored or loaded job may start at u64::MAX.
         progress.steps = progress.steps.saturating_add(1);
-        progress.elements = progress.elements.saturating_add(counts.valid_elements());
+        progress.elements = progress.elements.saturating_add(samples);
         progress.update_time = SystemTime::now();
-        let acc_sum = if self.ghm.uses_ema() {
-            progress.density.acc_sum().to_vec()
-        } else {
-            Vec::new()
-        };
-        self.context.observer.step_applied(
-            self.ghm.loss(),
-            counts.valid_elements(),
-            ranks,
-            missing_ranks.len(),
-        );
-        Arc::new(AppliedStep {
+        self.context
+            .observer
+            .step_applied(method.kind(), samples, ranks, missing_ranks.len());
+        Ok(Arc::new(AppliedStep {
             table,
-            acc_sum,
+            acc_sum: method.reported_acc_sum(&progress.state),
             missing_ranks,
             counters: Counters {
                 generation: progress.generation,
@@ -465,16 +368,16 @@ impl Job {
                 elements: progress.elements,
                 next_step: next_step_after,
             },
-        })
+        }))
     }
 
     /// Pass two, outside any lock: this request's element weights from its step's table.
-    fn weigh(&self, batch: &PreparedBatch, table: &BinTable) -> Option<Vec<u8>> {
-        let binned = batch.binned.as_ref()?;
+    fn weigh(&self, batch: &Prepared, table: &AnyTable) -> Option<Vec<u8>> {
+        let weights = batch.weigh(table)?;
         self.context
             .observer
-            .elements_weighed(self.ghm.loss(), binned.len() as u64);
-        Some(binned.write_weights(table))
+            .elements_weighed(self.kind(), batch.element_count() as u64);
+        Some(weights)
     }
 
     /// An asynchronous step: prepared, applied and weighed at once.
@@ -485,11 +388,19 @@ impl Job {
                 input.rank
             )));
         }
-        let (batch, counts) = self.prepare(input)?;
+        let (batch, contribution) = self.prepare(input)?;
+        // One rank's contribution is the step's total, reduced as any step is (EQLv2's checks
+        // of a total are the same as of a rank's).
+        let total = self
+            .method
+            .spec()
+            .reduce(vec![contribution])
+            .map_err(|e| self.method_error(e))?;
         let applied = {
             let mut state = self.state.lock();
             self.check_fence(&state.progress, fence)?;
-            self.apply_locked(&mut state.progress, &counts, 1, Vec::new(), 0)
+            self.apply_locked(&mut state.progress, &total, 1, Vec::new(), 0)
+                .map_err(|e| self.method_error(e))?
         };
         let weights = self.weigh(&batch, &applied.table);
         Ok(StepOutcome {
@@ -519,7 +430,7 @@ impl Job {
         }
 
         let (step, rank) = (input.step, input.rank);
-        let (batch, counts) = if large {
+        let (batch, contribution) = if large {
             let job = Arc::clone(&self);
             offload(move || job.prepare(&input)).await??
         } else {
@@ -529,7 +440,7 @@ impl Job {
             drop(input);
             prepared
         };
-        let applied = match self.contribute(step, rank, counts, fence)? {
+        let applied = match self.contribute(step, rank, contribution, fence)? {
             Joined::Applied(applied) => applied,
             Joined::Waiting(receiver) => receiver
                 .await
@@ -586,6 +497,15 @@ impl Job {
             StepFailure::Deleted => {
                 format!("step {step} aborted: the job was deleted while the step waited")
             }
+            StepFailure::Refused { reason } => {
+                return JobError::InvalidRequest {
+                    id,
+                    reason: format!(
+                        "step {step} refused, nothing was applied and the step is not done: \
+                         {reason}"
+                    ),
+                };
+            }
         };
         JobError::Aborted { id, reason }
     }
@@ -594,13 +514,13 @@ impl Job {
         self.step_failed(step, StepFailure::Deleted)
     }
 
-    /// Adds one rank's counts to its step, applies every step that is now ready in order, and
-    /// tells the caller how to get its step's outcome.
+    /// Adds one rank's contribution to its step, applies every step that is now ready in order,
+    /// and tells the caller how to get its step's outcome.
     fn contribute(
         self: &Arc<Self>,
         step: u64,
         rank: u32,
-        counts: BatchCounts,
+        contribution: AnyContribution,
         fence: Fence,
     ) -> Result<Joined<Arc<AppliedStep>>, JobError> {
         let (joined, new_attempt, deliveries) = {
@@ -621,7 +541,7 @@ impl Job {
                 .join(
                     step,
                     rank,
-                    counts,
+                    contribution,
                     self.context.max_pending_steps,
                     limit.bytes,
                 )
@@ -688,19 +608,24 @@ impl Job {
         }
     }
 
-    /// The job's side of a ready step: the ranks' counts, as summed in rank order, folded
-    /// into the density.
+    /// The job's side of a ready step: the ranks' contributions, reduced in rank order, folded
+    /// into the statistic. A step the method refuses fails its ranks and changes nothing.
     fn apply_ready_step(
         &self,
         progress: &mut Progress,
-        ready: ReadyStep<CountsSum>,
-    ) -> Arc<AppliedStep> {
+        ready: ReadyStep<StepTotal>,
+    ) -> StepResult<Arc<AppliedStep>> {
         let ranks = ready.kept.len();
-        let total = ready.sum.finish(&ready.kept);
+        let method = self.method.spec();
+        let refused = |error: MethodError| StepFailure::Refused {
+            reason: error.to_string().into(),
+        };
+        let total = ready.sum.finish(method, ready.kept).map_err(refused)?;
         if let Some(wait) = ready.last_rank_wait {
             self.context.observer.last_rank_wait(wait);
         }
         self.apply_locked(progress, &total, ranks, ready.missing_ranks, ready.step + 1)
+            .map_err(refused)
     }
 
     /// A timer task per step attempt. It holds the job weakly, so a deleted job is not kept.
@@ -755,7 +680,7 @@ impl Job {
             let world_size = change.world_size.max(sync.latest_world_size());
             let grown = budget::fixed_bytes(
                 self.id(),
-                self.ghm.bins(),
+                self.method.spec().state_values(),
                 world_size,
                 self.context.kept_steps,
             );
@@ -804,16 +729,20 @@ impl Job {
         Ok(())
     }
 
-    /// Puts the job back to a checkpoint: its density, counters and next step. Pending steps
+    /// Puts the job back to a checkpoint: its statistic, counters and next step. Pending steps
     /// are aborted and the kept tables dropped, since they belong to another history.
     pub(super) fn restore(
         &self,
-        acc_sum: Vec<f32>,
+        restored: StateInput,
         steps: u64,
         elements: u64,
         next_step: u64,
     ) -> Result<(), JobError> {
-        check_acc_sum(self.id(), &acc_sum, self.ghm.bins())?;
+        let restored = self
+            .method
+            .spec()
+            .state_from_input(restored, false)
+            .map_err(|e| self.method_error(e))?;
         if next_step == u64::MAX {
             return Err(self.invalid_request(
                 "state.next_step = 18446744073709551615: steps must stay below 2^64 - 1",
@@ -834,7 +763,7 @@ impl Job {
             None => {}
         }
         state.progress = Progress {
-            density: Density::from_acc_sum(acc_sum),
+            state: restored,
             steps,
             elements,
             // A restored state is a history of its own: copies from before it are fenced.
@@ -926,16 +855,6 @@ fn ranks_list(ranks: &[u32]) -> String {
     text
 }
 
-/// The largest raw tot one request may carry. A GHM-R tot is a sum of label weights, which may
-/// be anything finite, and a weight is at most tot / ((1 - momentum) * 1) before rounding: past
-/// this bound it would overflow float32 and weigh elements by infinity (the fuzzer found it).
-/// The 2^17 leaves room for a step summing the tots of 2^16 ranks (MAX_WORLD_SIZE) and for
-/// float32 rounding; the bound is still far above any real batch's tot.
-pub fn max_tot(momentum: f64) -> f64 {
-    let floor = if momentum > 0.0 { 1.0 - momentum } else { 1.0 };
-    f64::from(f32::MAX) * floor / f64::from(1u32 << 17)
-}
-
 /// Requests a step wakes at once before other tasks get a turn.
 const WAKE_BATCH: usize = 512;
 
@@ -962,26 +881,4 @@ async fn offload<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| JobError::Internal(format!("weighing task failed: {e}")))
-}
-
-/// Checks a restored density: one finite, non-negative value per bin.
-pub(super) fn check_acc_sum(id: &str, acc_sum: &[f32], bins: usize) -> Result<(), JobError> {
-    let reason = if acc_sum.len() != bins {
-        format!(
-            "state.acc_sum has {} entries: the job has {bins} bins",
-            acc_sum.len()
-        )
-    } else if let Some((index, value)) = acc_sum
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
-    {
-        format!("state.acc_sum[{index}] = {value}: must be finite and >= 0")
-    } else {
-        return Ok(());
-    };
-    Err(JobError::InvalidRequest {
-        id: id.to_owned(),
-        reason,
-    })
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::budget::JobCharge;
-use super::job::{AppliedStep, Job, JobContext, check_acc_sum};
+use super::job::{AppliedStep, Job, JobContext};
 use super::{JobError, JobSnapshot, JobSpec, StepObserver};
-use crate::ghm::BinTable;
+use crate::method::{AnyState, GhmStepInput, StateInput};
 
 /// The most characters a run id may have (the same bound as a job id).
 pub const MAX_RUN_ID_LEN: usize = 128;
@@ -42,10 +42,11 @@ impl Fence {
 }
 
 /// The state a client last acknowledged, to reseed a copy with.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SeedState {
-    /// May be empty for a job without EMA (momentum 0): its responses carry none.
-    pub acc_sum: Vec<f32>,
+    /// The method's statistic. A GHM `acc_sum` may be empty for a job without EMA (momentum
+    /// 0): its responses carry none.
+    pub state: StateInput,
     pub steps: u64,
     pub elements: u64,
     pub next_step: u64,
@@ -54,13 +55,13 @@ pub struct SeedState {
 }
 
 /// The last applied step as a response reported it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SeedStep {
     pub step: u64,
-    pub bin_weights: Vec<f32>,
-    pub tot: f64,
-    pub nonempty_bins: u32,
-    pub acc_sum: Vec<f32>,
+    /// GHM's table; empty for the other methods.
+    pub ghm: GhmStepInput,
+    /// The other methods' state after the step; `None` for GHM.
+    pub method_state: Option<StateInput>,
     pub missing_ranks: Vec<u32>,
 }
 
@@ -152,14 +153,13 @@ impl Job {
     ) -> Result<Self, JobError> {
         let (run_id, state, last_step) = (&reseed.run_id, &reseed.state, reseed.last_step.as_ref());
         let now = SystemTime::now();
-        check_reseed(id, &spec, state, last_step)?;
-        let acc_sum = seed_acc_sum(&spec, state);
+        let (seeded_state, last_table) = check_reseed(id, &spec, state, last_step)?;
         let job = Self::from_snapshot(
             JobSnapshot {
                 id: id.to_owned(),
                 world_size_schedule: Vec::new(),
                 spec,
-                acc_sum,
+                state: seeded_state,
                 steps: state.steps,
                 elements: state.elements,
                 next_step: state.next_step,
@@ -171,7 +171,7 @@ impl Job {
             context,
             charge,
         )?;
-        if let Some(last) = last_step.cloned() {
+        if let (Some(last), Some((table, acc_sum))) = (last_step, last_table) {
             let counters = Counters {
                 generation,
                 steps: state.steps,
@@ -181,13 +181,9 @@ impl Job {
             job.keep_applied(
                 last.step,
                 AppliedStep {
-                    table: BinTable::from_bin_weights(
-                        &last.bin_weights,
-                        last.tot,
-                        last.nonempty_bins,
-                    ),
-                    acc_sum: last.acc_sum,
-                    missing_ranks: last.missing_ranks,
+                    table,
+                    acc_sum,
+                    missing_ranks: last.missing_ranks.clone(),
                     counters,
                 },
             );
@@ -196,28 +192,38 @@ impl Job {
     }
 }
 
-/// A job without EMA reports no acc_sum in its responses; its density is all zeros.
-fn seed_acc_sum(spec: &JobSpec, state: &SeedState) -> Vec<f32> {
-    if state.acc_sum.is_empty() && !spec.ghm.uses_ema() {
-        vec![0.0; spec.ghm.bins()]
-    } else {
-        state.acc_sum.clone()
-    }
-}
+/// A table of the last step as the job keeps it, with the `acc_sum` its response reported.
+type LastTable = (crate::method::AnyTable, Vec<f32>);
 
-/// Every check of a ReseedJob's state and last step, made before anything changes.
+/// Every check of a ReseedJob's state and last step, made before anything changes; gives the
+/// state to put in place and the last step's table.
 pub(super) fn check_reseed(
     id: &str,
     spec: &JobSpec,
     state: &SeedState,
     last_step: Option<&SeedStep>,
-) -> Result<(), JobError> {
+) -> Result<(AnyState, Option<LastTable>), JobError> {
     check_seed(id, spec, state)?;
-    check_acc_sum(id, &seed_acc_sum(spec, state), spec.ghm.bins())?;
-    if let Some(last) = last_step {
-        check_last_step(id, spec, state, last)?;
-    }
-    Ok(())
+    let method_error = |source| JobError::Method {
+        id: id.to_owned(),
+        source,
+    };
+    let seeded = spec
+        .method
+        .state_from_input(state.state.clone(), true)
+        .map_err(method_error)?;
+    let last_table = match last_step {
+        Some(last) => {
+            check_last_step(id, spec, state, last)?;
+            Some(
+                spec.method
+                    .last_table(&last.ghm, last.method_state.clone(), &seeded)
+                    .map_err(method_error)?,
+            )
+        }
+        None => None,
+    };
+    Ok((seeded, last_table))
 }
 
 /// The checks RestoreJob makes of a state, with ReseedJob's field names.
@@ -245,8 +251,9 @@ fn check_seed(id: &str, spec: &JobSpec, state: &SeedState) -> Result<(), JobErro
     Ok(())
 }
 
-/// The last step must be the one just before `state.next_step` and a table this job could have
-/// produced; it is what a retry of that step will be answered with.
+/// The last step must be the one just before `state.next_step`, of a step-synchronous job; its
+/// table is the method's to check (`MethodSpec::last_table`). It is what a retry of that step
+/// will be answered with.
 fn check_last_step(
     id: &str,
     spec: &JobSpec,
@@ -257,7 +264,6 @@ fn check_last_step(
         id: id.to_owned(),
         reason,
     };
-    let bins = spec.ghm.bins();
     if !spec.is_step_synchronous() {
         return Err(invalid(
             "last_step: only step-synchronous jobs answer retries of an applied step; leave it \
@@ -269,41 +275,6 @@ fn check_last_step(
         return Err(invalid(format!(
             "last_step.step = {}: must be state.next_step - 1 (state.next_step = {})",
             last.step, state.next_step
-        )));
-    }
-    if last.bin_weights.len() != bins {
-        return Err(invalid(format!(
-            "last_step.bin_weights has {} entries: the job has {bins} bins",
-            last.bin_weights.len()
-        )));
-    }
-    if let Some((index, value)) = first_bad(&last.bin_weights) {
-        return Err(invalid(format!(
-            "last_step.bin_weights[{index}] = {value}: must be finite and >= 0"
-        )));
-    }
-    let acc_bins = if spec.ghm.uses_ema() { bins } else { 0 };
-    if last.acc_sum.len() != acc_bins {
-        return Err(invalid(format!(
-            "last_step.acc_sum has {} entries: the job's responses carry {acc_bins}",
-            last.acc_sum.len()
-        )));
-    }
-    if let Some((index, value)) = first_bad(&last.acc_sum) {
-        return Err(invalid(format!(
-            "last_step.acc_sum[{index}] = {value}: must be finite and >= 0"
-        )));
-    }
-    if !(last.tot.is_finite() && last.tot >= 0.0) {
-        return Err(invalid(format!(
-            "last_step.tot = {}: must be finite and >= 0",
-            last.tot
-        )));
-    }
-    if last.nonempty_bins as usize > bins {
-        return Err(invalid(format!(
-            "last_step.nonempty_bins = {}: the job has {bins} bins",
-            last.nonempty_bins
         )));
     }
     if let Some((index, rank)) = last
@@ -318,14 +289,6 @@ fn check_last_step(
         )));
     }
     Ok(())
-}
-
-fn first_bad(values: &[f32]) -> Option<(usize, f32)> {
-    values
-        .iter()
-        .copied()
-        .enumerate()
-        .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
 }
 
 /// Whether a job whose state last changed `idle` ago (None: a step is waiting) may be taken

@@ -4,24 +4,25 @@
 use std::time::Duration;
 
 use super::ReseedOutcome;
-use crate::ghm::Loss;
+use crate::method::MethodKind;
 
 /// What the registry reports as steps happen, so that the metrics module can count them without
 /// the registry knowing anything of Prometheus. Every method has a no-op default.
 pub trait StepObserver: Send + Sync + 'static {
-    /// A step was applied to a job's density: `valid_elements` were counted into its bins,
-    /// `missing_ranks` ranks were absent (a partial step) and `ranks` took part.
+    /// A step was applied to a job's statistic: `samples` were counted into it (GHM's valid
+    /// elements, Seesaw's samples, 0 for EQLv2), `missing_ranks` ranks were absent (a partial
+    /// step) and `ranks` took part.
     fn step_applied(
         &self,
-        _loss: Loss,
-        _valid_elements: u64,
+        _method: MethodKind,
+        _samples: u64,
         _ranks: usize,
         _missing_ranks: usize,
     ) {
     }
 
     /// One request's elements were weighed (the raw path; histogram inputs weigh none).
-    fn elements_weighed(&self, _loss: Loss, _elements: u64) {}
+    fn elements_weighed(&self, _method: MethodKind, _elements: u64) {}
 
     /// A step-synchronous step became complete: how long it waited, from its first request to
     /// its last rank's.
@@ -30,8 +31,8 @@ pub trait StepObserver: Send + Sync + 'static {
     /// A step-synchronous step was aborted because a rank did not send in time.
     fn step_timed_out(&self) {}
 
-    /// The number of jobs of a loss changed by `delta` (created, deleted, restored, reaped).
-    fn jobs_changed(&self, _loss: Loss, _delta: i64) {}
+    /// The number of jobs of a method changed by `delta` (created, deleted, restored, reaped).
+    fn jobs_changed(&self, _method: MethodKind, _delta: i64) {}
 
     /// `count` jobs were deleted for being idle longer than the job TTL.
     fn jobs_reaped(&self, _count: u64) {}

@@ -18,6 +18,7 @@ use super::{
     validate_job_id, validate_run_id,
 };
 use crate::ghm;
+use crate::method::StateInput;
 use crate::shutdown::Shutdown;
 
 /// Knobs of the registry that come from the server's configuration
@@ -228,7 +229,7 @@ impl Registry {
                 job
             }
         };
-        self.context.observer.jobs_changed(job.loss(), 1);
+        self.context.observer.jobs_changed(job.kind(), 1);
         Ok((job.snapshot(), true))
     }
 
@@ -279,7 +280,7 @@ impl Registry {
                 let job = seed(seen.generation.saturating_add(1), true)?;
                 self.reserve_place(id)?;
                 slot.insert(Arc::clone(&job));
-                self.context.observer.jobs_changed(job.loss(), 1);
+                self.context.observer.jobs_changed(job.kind(), 1);
                 Ok((job.snapshot(), ReseedOutcome::Created))
             }
             Entry::Occupied(mut existing) => {
@@ -303,7 +304,7 @@ impl Registry {
                 }
                 // A stale copy of another kind of job is some other job under this id: it is
                 // not this caller's to overwrite.
-                if copy.spec().ghm != spec.ghm {
+                if copy.spec().method != spec.method {
                     return Err(JobError::AlreadyExists { id: id.to_owned() });
                 }
                 let job = seed(generation.max(seen.generation).saturating_add(1), false)?;
@@ -338,7 +339,7 @@ impl Registry {
     ) -> Result<JobCharge, JobError> {
         let bytes = budget::fixed_bytes(
             id,
-            spec.ghm.bins(),
+            spec.method.state_values(),
             spec.world_size,
             self.context.kept_steps,
         );
@@ -353,8 +354,8 @@ impl Registry {
     /// Accounts for `old` leaving the map in favour of `new` under the same id.
     fn replaced(&self, old: &Job, new: &Job) {
         old.close_replaced();
-        self.context.observer.jobs_changed(old.loss(), -1);
-        self.context.observer.jobs_changed(new.loss(), 1);
+        self.context.observer.jobs_changed(old.kind(), -1);
+        self.context.observer.jobs_changed(new.kind(), 1);
     }
 
     /// Puts a job back exactly as a snapshot recorded it (state loaded at start-up), replacing
@@ -363,7 +364,7 @@ impl Registry {
         validate_job_id(&snapshot.id)?;
         let bytes = budget::fixed_bytes(
             &snapshot.id,
-            snapshot.spec.ghm.bins(),
+            snapshot.spec.method.state_values(),
             snapshot.spec.world_size,
             self.context.kept_steps,
         );
@@ -377,16 +378,16 @@ impl Registry {
             Arc::clone(&self.context),
             charge,
         )?);
-        let loss = job.loss();
+        let kind = job.kind();
         match self.jobs.insert(job.id().to_owned(), job) {
             Some(replaced) => {
                 replaced.close();
-                self.context.observer.jobs_changed(replaced.loss(), -1);
-                self.context.observer.jobs_changed(loss, 1);
+                self.context.observer.jobs_changed(replaced.kind(), -1);
+                self.context.observer.jobs_changed(kind, 1);
             }
             None => {
                 self.count.fetch_add(1, Ordering::SeqCst);
-                self.context.observer.jobs_changed(loss, 1);
+                self.context.observer.jobs_changed(kind, 1);
             }
         }
         Ok(())
@@ -421,7 +422,7 @@ impl Registry {
     fn removed(&self, job: &Job) {
         job.close();
         self.count.fetch_sub(1, Ordering::SeqCst);
-        self.context.observer.jobs_changed(job.loss(), -1);
+        self.context.observer.jobs_changed(job.kind(), -1);
     }
 
     /// Deletes every job idle for longer than `ttl` at `now` (no step, update or restore; a
@@ -544,7 +545,7 @@ impl Registry {
         };
         let elements = batch.element_count();
         let largest = 4 * elements + id.len() + RESPONSE_OVERHEAD;
-        if largest > self.max_response_bytes {
+        if batch.weighs_elements() && largest > self.max_response_bytes {
             return Err(JobError::ResponseTooLarge(format!(
                 "{field} has {elements} elements: their weights need a response of up to \
                  {largest} bytes, above the {} of --max-send-message-bytes; send at most {} \
@@ -581,17 +582,17 @@ impl Registry {
         Ok(job.snapshot())
     }
 
-    /// Puts a job's density, counters and next step back to a checkpoint's.
+    /// Puts a job's statistic, counters and next step back to a checkpoint's.
     pub fn restore(
         &self,
         id: &str,
-        acc_sum: Vec<f32>,
+        state: StateInput,
         steps: u64,
         elements: u64,
         next_step: u64,
     ) -> Result<JobSnapshot, JobError> {
         let job = self.get(id)?;
-        job.restore(acc_sum, steps, elements, next_step)?;
+        job.restore(state, steps, elements, next_step)?;
         Ok(job.snapshot())
     }
 }
@@ -599,11 +600,14 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::{Ghm, MethodSpec};
     use bytes::Bytes;
 
     fn spec(world_size: u32, step_timeout: Duration) -> JobSpec {
         JobSpec {
-            ghm: ghm::Spec::new(ghm::Loss::GhmC, 10, 0.75, 0.0).unwrap(),
+            method: MethodSpec::Ghm(Ghm {
+                spec: ghm::Spec::new(ghm::Loss::GhmC, 10, 0.75, 0.0).unwrap(),
+            }),
             world_size,
             step_timeout,
             allow_partial_steps: false,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::JobError;
-use crate::ghm;
+use crate::method::MethodSpec;
 
 /// The most characters a job id may have.
 pub const MAX_JOB_ID_LEN: usize = 128;
@@ -15,7 +15,9 @@ pub const MAX_WORLD_SIZE: u32 = 65536;
 /// Everything a job is created with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSpec {
-    pub ghm: ghm::Spec,
+    /// What the job computes (GHM, Seesaw, EQLv2) and its parameters; nothing else in the spec
+    /// depends on it.
+    pub method: MethodSpec,
     /// 0 or 1: asynchronous; each request is a step of its own.
     pub world_size: u32,
     pub step_timeout: Duration,

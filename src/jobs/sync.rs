@@ -73,6 +73,10 @@ pub enum StepFailure {
     Draining,
     /// The job was deleted.
     Deleted,
+    /// The step was complete, but the job refused to apply it (its statistic would have left
+    /// float32): nothing was applied and the step is not done, so a changed resend may apply.
+    /// The reason is shared by every waiting rank.
+    Refused { reason: Arc<str> },
 }
 
 /// What a waiting request receives.
@@ -461,7 +465,13 @@ impl<S: StepSum, O: Clone> StepBarrier<S, O> {
     /// Applies the next step while it is complete (or partial), then the one after it: `apply`
     /// turns a ready step into the outcome every one of its ranks receives. The outcomes go to
     /// the returned deliveries.
-    pub fn apply_ready(&mut self, mut apply: impl FnMut(ReadyStep<S>) -> O) -> Deliveries<O> {
+    ///
+    /// `apply` may refuse a step: its ranks then get the refusal, the step is dropped without
+    /// advancing, and later steps wait for it as before.
+    pub fn apply_ready(
+        &mut self,
+        mut apply: impl FnMut(ReadyStep<S>) -> StepResult<O>,
+    ) -> Deliveries<O> {
         let mut deliveries = Deliveries::new();
         loop {
             let head = self.next_step;
@@ -496,13 +506,19 @@ impl<S: StepSum, O: Clone> StepBarrier<S, O> {
                     waiters.push(slot.waiter);
                 }
             }
-            let applied = apply(ReadyStep {
+            let applied = match apply(ReadyStep {
                 step: head,
                 sum,
                 kept,
                 missing_ranks,
                 last_rank_wait,
-            });
+            }) {
+                Ok(applied) => applied,
+                Err(refusal) => {
+                    deliveries.batches.push((waiters, Err(refusal)));
+                    break;
+                }
+            };
             self.next_step = head + 1;
             self.prune_schedule();
             self.recent.push_back((head, world_size, applied.clone()));
@@ -524,7 +540,7 @@ impl<S: StepSum, O: Clone> StepBarrier<S, O> {
         generation: u64,
         allow_partial: bool,
         timeout: Duration,
-        apply: impl FnMut(ReadyStep<S>) -> O,
+        apply: impl FnMut(ReadyStep<S>) -> StepResult<O>,
     ) -> (Deadline, Deliveries<O>) {
         let Some(pending) = self.pending.get_mut(&step) else {
             return (Deadline::Nothing, Deliveries::new());
@@ -659,8 +675,8 @@ mod tests {
         Barrier::new(world_size, 0, Vec::new(), kept_steps, InRankOrder)
     }
 
-    fn sum(ready: ReadyStep<InRankOrder>) -> Outcome {
-        (ready.kept.iter().sum(), ready.missing_ranks)
+    fn sum(ready: ReadyStep<InRankOrder>) -> StepResult<Outcome> {
+        Ok((ready.kept.iter().sum(), ready.missing_ranks))
     }
 
     fn join(
@@ -752,6 +768,32 @@ mod tests {
             join(&mut barrier, 0, 3, 1).unwrap(),
             (Joined::Applied(_), None)
         ));
+    }
+
+    #[test]
+    fn a_refused_step_fails_its_ranks_and_is_not_done() {
+        let mut barrier = barrier(2, 4);
+        let mut first = waiting(join(&mut barrier, 0, 0, 1).unwrap().0);
+        let mut second = waiting(join(&mut barrier, 0, 1, 2).unwrap().0);
+        let mut later = waiting(join(&mut barrier, 1, 0, 3).unwrap().0);
+        let refusal = StepFailure::Refused {
+            reason: "too large".into(),
+        };
+        barrier.apply_ready(|_| Err(refusal.clone())).deliver_now();
+        assert_eq!(first.try_recv().unwrap(), Err(refusal.clone()));
+        assert_eq!(second.try_recv().unwrap(), Err(refusal));
+        assert_eq!(barrier.next_step(), 0, "the step is not done");
+        assert!(later.try_recv().is_err(), "later steps still wait for it");
+        assert!(barrier.has_pending());
+
+        // The ranks send it again and it applies, then the step behind it.
+        let mut first = waiting(join(&mut barrier, 0, 0, 1).unwrap().0);
+        join(&mut barrier, 0, 1, 1).unwrap();
+        join(&mut barrier, 1, 1, 4).unwrap();
+        apply(&mut barrier);
+        assert_eq!(first.try_recv().unwrap(), Ok((2, vec![])));
+        assert_eq!(later.try_recv().unwrap(), Ok((7, vec![])));
+        assert_eq!(barrier.next_step(), 2);
     }
 
     #[test]

@@ -58,16 +58,19 @@ impl Collector for JobDensity {
             let mut jobs = self.registry.snapshots();
             jobs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
             for job in &jobs {
-                if !job.spec.ghm.uses_ema() {
+                // Seesaw's and EQLv2's statistics are per class, not a density; the responses
+                // and GetJob show them.
+                let acc_sum = job.spec.method.reported_acc_sum(&job.state);
+                if acc_sum.is_empty() {
                     continue;
                 }
-                let bins = job.acc_sum.len();
+                let bins = acc_sum.len();
                 if series + bins > self.max_series {
                     omitted += 1;
                     continue;
                 }
                 series += bins;
-                for (bin, value) in job.acc_sum.iter().enumerate() {
+                for (bin, value) in acc_sum.iter().enumerate() {
                     let labels = BinLabels {
                         job_id: job.id.clone(),
                         bin,

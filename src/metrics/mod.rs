@@ -25,8 +25,8 @@ use prometheus_client::registry::{Registry as PromRegistry, Unit};
 pub use density::JobDensity;
 pub use grpc_layer::{GrpcMetricsLayer, code_name};
 
-use crate::ghm::Loss;
 use crate::jobs::{ReseedOutcome, StepObserver};
+use crate::method::MethodKind;
 use failover::FailoverMetrics;
 
 /// Request latencies: from 100 µs (a histogram input) to minutes (a step-synchronous step
@@ -68,12 +68,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-fn loss_labels(loss: Loss) -> LossLabels {
+/// The label keeps its name `loss` and GHM's values `ghm_c` and `ghm_r`, so that dashboards
+/// written before Seesaw and EQLv2 keep working.
+fn loss_labels(method: MethodKind) -> LossLabels {
     LossLabels {
-        loss: match loss {
-            Loss::GhmC => "ghm_c",
-            Loss::GhmR => "ghm_r",
-        },
+        loss: method.name(),
     }
 }
 
@@ -145,10 +144,10 @@ impl Metrics {
             connections_open: Gauge::default(),
             failover: FailoverMetrics::new(),
         };
-        // Series of both losses exist from the start, so that a dashboard shows 0 rather than
+        // Series of every method exist from the start, so that a dashboard shows 0 rather than
         // "no data" and rate() sees the first increment.
-        for loss in [Loss::GhmC, Loss::GhmR] {
-            let labels = loss_labels(loss);
+        for method in MethodKind::ALL {
+            let labels = loss_labels(method);
             drop(metrics.elements_weighed.get_or_create(&labels));
             drop(metrics.jobs.get_or_create(&labels));
             drop(metrics.steps.get_or_create(&labels));
@@ -189,7 +188,7 @@ impl Metrics {
         );
         registry.register(
             "steps_applied",
-            "Steps applied to a job's density, by loss",
+            "Steps applied to a job's statistic, by loss (the method: ghm_c, ghm_r, seesaw, eqlv2)",
             self.steps.clone(),
         );
         registry.register(
@@ -348,17 +347,17 @@ impl MethodSeries {
 }
 
 impl StepObserver for Metrics {
-    fn step_applied(&self, loss: Loss, _valid_elements: u64, _ranks: usize, missing_ranks: usize) {
-        let labels = loss_labels(loss);
+    fn step_applied(&self, method: MethodKind, _samples: u64, _ranks: usize, missing_ranks: usize) {
+        let labels = loss_labels(method);
         self.steps.get_or_create(&labels).inc();
         if missing_ranks > 0 {
             self.partial_steps.get_or_create(&labels).inc();
         }
     }
 
-    fn elements_weighed(&self, loss: Loss, elements: u64) {
+    fn elements_weighed(&self, method: MethodKind, elements: u64) {
         self.elements_weighed
-            .get_or_create(&loss_labels(loss))
+            .get_or_create(&loss_labels(method))
             .inc_by(elements);
     }
 
@@ -370,8 +369,8 @@ impl StepObserver for Metrics {
         self.step_timeouts.inc();
     }
 
-    fn jobs_changed(&self, loss: Loss, delta: i64) {
-        self.jobs.get_or_create(&loss_labels(loss)).inc_by(delta);
+    fn jobs_changed(&self, method: MethodKind, delta: i64) {
+        self.jobs.get_or_create(&loss_labels(method)).inc_by(delta);
     }
 
     fn jobs_reaped(&self, count: u64) {
@@ -453,13 +452,13 @@ mod tests {
     fn observer_calls_move_the_series_they_name() {
         let metrics = Metrics::new();
         let exposition = metrics.exposition(None);
-        metrics.jobs_changed(Loss::GhmC, 1);
-        metrics.jobs_changed(Loss::GhmC, 1);
-        metrics.jobs_changed(Loss::GhmR, 1);
-        metrics.jobs_changed(Loss::GhmC, -1);
-        metrics.step_applied(Loss::GhmR, 10, 4, 1);
-        metrics.step_applied(Loss::GhmR, 10, 4, 0);
-        metrics.elements_weighed(Loss::GhmC, 1000);
+        metrics.jobs_changed(MethodKind::GhmC, 1);
+        metrics.jobs_changed(MethodKind::GhmC, 1);
+        metrics.jobs_changed(MethodKind::GhmR, 1);
+        metrics.jobs_changed(MethodKind::GhmC, -1);
+        metrics.step_applied(MethodKind::GhmR, 10, 4, 1);
+        metrics.step_applied(MethodKind::GhmR, 10, 4, 0);
+        metrics.elements_weighed(MethodKind::GhmC, 1000);
         metrics.step_timed_out();
         metrics.last_rank_wait(Duration::from_millis(30));
         metrics

@@ -14,17 +14,33 @@
 //! run id (u32 length, then UTF-8). A version 1 file (written before lineages existed) loads
 //! with generation 1 and no run id, so that an upgrade keeps every job.
 //!
+//! Version 3 adds Seesaw and EQLv2 jobs. A job's record starts with its id and a method byte;
+//! GHM's record (bytes 0 and 1, GHM-C and GHM-R) is version 2's byte for byte. For the other
+//! methods the bytes from the spec's parameters to the state differ, and the rest is the same:
+//!
+//! ```text
+//! byte  method   spec parameters               state (each array: u32 length, f32 bits)
+//!    0  GHM-C    bins u32, momentum, mu (f64)   acc_sum
+//!    1  GHM-R    bins u32, momentum, mu (f64)   acc_sum
+//!    2  Seesaw   num_classes u32, p, q, eps     cum_samples
+//!    3  EQLv2    num_classes u32, gamma, mu,    pos_grad, neg_grad, pos_neg
+//!                alpha
+//! ```
+//!
+//! with world_size, step_timeout and allow_partial_steps between the parameters and the state,
+//! as in version 2. Versions 1 and 2 hold method bytes 0 and 1 only.
+//!
 //! Every number is little-endian and every float is stored by its bits, so a job comes back
 //! bit for bit. The header is checked before anything is decoded: a file that is not ours,
 //! of another version, truncated or altered is refused with the reason, never half-loaded.
 
 use std::time::{Duration, SystemTime};
 
-use crate::ghm::{self, Loss};
 use crate::jobs::{JobSnapshot, JobSpec, WorldSizeChange};
+use crate::method::{MethodRecord, MethodSpec};
 
 pub const MAGIC: &[u8; 8] = b"GHMDSNAP";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format this code still reads.
 pub const FIRST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 24;
@@ -138,7 +154,7 @@ fn encode_job(out: &mut Vec<u8>, job: &JobSnapshot) {
     let JobSnapshot {
         id,
         spec,
-        acc_sum,
+        state,
         steps,
         elements,
         next_step,
@@ -149,25 +165,27 @@ fn encode_job(out: &mut Vec<u8>, job: &JobSnapshot) {
         update_time,
     } = job;
     let JobSpec {
-        ghm,
+        method,
         world_size,
         step_timeout,
         allow_partial_steps,
     } = spec;
     put_bytes(out, id.as_bytes());
-    out.push(match ghm.loss() {
-        Loss::GhmC => 0,
-        Loss::GhmR => 1,
-    });
-    put_u32(out, ghm.bins() as u32);
-    put_u64(out, ghm.momentum().to_bits());
-    put_u64(out, ghm.mu().to_bits());
+    let MethodRecord {
+        code,
+        size,
+        parameters,
+    } = method.record();
+    out.push(code);
+    put_u32(out, size);
+    for parameter in parameters {
+        put_u64(out, parameter.to_bits());
+    }
     put_u32(out, *world_size);
     put_duration(out, *step_timeout);
     out.push(u8::from(*allow_partial_steps));
-    put_u32(out, acc_sum.len() as u32);
-    for value in acc_sum {
-        put_u32(out, value.to_bits());
+    for array in state.arrays() {
+        put_f32s(out, array);
     }
     put_u64(out, *steps);
     put_u64(out, *elements);
@@ -201,15 +219,21 @@ fn decode_job(
         index,
         reason: format!("job {id:?}: {reason}"),
     };
-    let loss = match reader.u8().ok_or_else(ends)? {
-        0 => Loss::GhmC,
-        1 => Loss::GhmR,
-        other => return Err(bad(format!("unknown loss code {other}"))),
+    let code = reader.u8().ok_or_else(ends)?;
+    let known = MethodSpec::record_parameters(code).filter(|_| version >= 3 || code < 2);
+    let Some(parameters) = known else {
+        return Err(bad(format!("unknown method code {code}")));
     };
-    let bins = reader.u32().ok_or_else(ends)?;
-    let momentum = f64::from_bits(reader.u64().ok_or_else(ends)?);
-    let mu = f64::from_bits(reader.u64().ok_or_else(ends)?);
-    let ghm = ghm::Spec::new(loss, bins, momentum, mu).map_err(|e| bad(e.to_string()))?;
+    let size = reader.u32().ok_or_else(ends)?;
+    let parameters = (0..parameters)
+        .map(|_| reader.u64().map(f64::from_bits).ok_or_else(ends))
+        .collect::<Result<_, _>>()?;
+    let method = MethodSpec::from_record(&MethodRecord {
+        code,
+        size,
+        parameters,
+    })
+    .map_err(bad)?;
     let world_size = reader.u32().ok_or_else(ends)?;
     let step_timeout = reader.duration().ok_or_else(ends)?;
     let allow_partial_steps = match reader.u8().ok_or_else(ends)? {
@@ -217,14 +241,12 @@ fn decode_job(
         1 => true,
         other => return Err(bad(format!("allow_partial_steps byte {other}"))),
     };
-    let acc_len = reader.u32().ok_or_else(ends)? as usize;
-    if acc_len > reader.remaining() / 4 {
-        return Err(ends());
-    }
-    let mut acc_sum = Vec::with_capacity(acc_len);
-    for _ in 0..acc_len {
-        acc_sum.push(f32::from_bits(reader.u32().ok_or_else(ends)?));
-    }
+    let arrays = (0..method.state_arrays())
+        .map(|_| reader.f32s().ok_or_else(ends))
+        .collect::<Result<_, _>>()?;
+    let state = method
+        .state_from_arrays(arrays)
+        .map_err(|e| bad(e.to_string()))?;
     let steps = reader.u64().ok_or_else(ends)?;
     let elements = reader.u64().ok_or_else(ends)?;
     let next_step = reader.u64().ok_or_else(ends)?;
@@ -255,12 +277,12 @@ fn decode_job(
     Ok(JobSnapshot {
         id,
         spec: JobSpec {
-            ghm,
+            method,
             world_size,
             step_timeout,
             allow_partial_steps,
         },
-        acc_sum,
+        state,
         steps,
         elements,
         next_step,
@@ -270,6 +292,13 @@ fn decode_job(
         create_time,
         update_time,
     })
+}
+
+fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
+    put_u32(out, values.len() as u32);
+    for value in values {
+        put_u32(out, value.to_bits());
+    }
 }
 
 fn put_u32(out: &mut Vec<u8>, value: u32) {
@@ -335,6 +364,21 @@ impl<'a> Reader<'a> {
         self.take(8)?.try_into().ok().map(u64::from_le_bytes)
     }
 
+    /// A u32 length, then that many floats by their bits; a length past the bytes left is a
+    /// truncated file, refused before any memory is reserved for it.
+    fn f32s(&mut self) -> Option<Vec<f32>> {
+        let len = self.u32()? as usize;
+        let bytes = self.take(len.checked_mul(4)?)?;
+        Some(
+            bytes
+                .chunks_exact(4)
+                .map(|chunk| {
+                    f32::from_bits(u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
+                })
+                .collect(),
+        )
+    }
+
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let len = self.u32()? as usize;
         self.take(len)
@@ -360,20 +404,33 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eqlv2::Eqlv2;
+    use crate::ghm::{self, Density, Loss};
+    use crate::method::{AnyState, Ghm};
+    use crate::seesaw::Seesaw;
+
+    fn values(len: u32, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| f32::from_bits(0x3f00_0000 ^ (i.wrapping_mul(2_654_435_761) ^ seed) >> 9))
+            .collect()
+    }
 
     fn job(id: &str, loss: Loss, bins: u32, momentum: f64, seed: u32) -> JobSnapshot {
-        let ghm = ghm::Spec::new(loss, bins, momentum, 0.0).expect("valid spec");
+        let spec = ghm::Spec::new(loss, bins, momentum, 0.0).expect("valid spec");
+        let state = AnyState::Ghm(Density::from_acc_sum(values(bins, seed)));
+        job_of(id, MethodSpec::Ghm(Ghm { spec }), state, seed)
+    }
+
+    fn job_of(id: &str, method: MethodSpec, state: AnyState, seed: u32) -> JobSnapshot {
         JobSnapshot {
             id: id.to_owned(),
             spec: JobSpec {
-                ghm,
+                method,
                 world_size: seed % 5,
                 step_timeout: Duration::new(u64::from(seed), seed * 7 % 1_000_000_000),
                 allow_partial_steps: seed % 2 == 1,
             },
-            acc_sum: (0..bins)
-                .map(|i| f32::from_bits(0x3f00_0000 ^ (i.wrapping_mul(2_654_435_761) ^ seed) >> 9))
-                .collect(),
+            state,
             steps: u64::from(seed) * 3,
             elements: u64::MAX - u64::from(seed),
             next_step: u64::from(seed) + 1,
@@ -392,17 +449,50 @@ mod tests {
         }
     }
 
+    fn seesaw_job(id: &str, seed: u32) -> JobSnapshot {
+        let seesaw = Seesaw::new(5, 0.8, 0.0, 1e-3).expect("valid spec");
+        let cum_samples = (0..6).map(|i| (i * seed * 1000) as f32).collect();
+        let state = AnyState::Seesaw(seesaw.state_from_cum_samples(cum_samples).expect("whole"));
+        job_of(id, MethodSpec::Seesaw(seesaw), state, seed)
+    }
+
+    fn eqlv2_job(id: &str, seed: u32) -> JobSnapshot {
+        let eqlv2 = Eqlv2::new(7, 12.0, 0.8, 4.0).expect("valid spec");
+        let (pos_grad, neg_grad) = (values(7, seed), values(7, seed + 1));
+        let pos_neg = pos_grad
+            .iter()
+            .zip(&neg_grad)
+            .map(|(pos, neg)| pos / (neg + 1e-10))
+            .collect();
+        let state = eqlv2
+            .state_from_parts(pos_grad, neg_grad, pos_neg)
+            .expect("consistent");
+        job_of(id, MethodSpec::Eqlv2(eqlv2), AnyState::Eqlv2(state), seed)
+    }
+
     fn sample() -> Vec<JobSnapshot> {
         vec![
             job("team-a/run.1", Loss::GhmC, 10, 0.75, 1),
             job("b", Loss::GhmR, 30, 0.0, 2),
             job("c_3", Loss::GhmR, 1, 0.9, 3),
+            seesaw_job("lvis/seesaw", 4),
+            eqlv2_job("lvis/eqlv2", 5),
         ]
     }
 
+    /// Every float of every job's state by its bits: `==` on floats would let -0 pass for 0.
     fn bits(jobs: &[JobSnapshot]) -> Vec<Vec<u32>> {
         jobs.iter()
-            .map(|job| job.acc_sum.iter().map(|v| v.to_bits()).collect())
+            .map(|job| {
+                let arrays: Vec<&[f32]> = match &job.state {
+                    AnyState::Ghm(density) => vec![density.acc_sum()],
+                    AnyState::Seesaw(state) => vec![state.cum_samples()],
+                    AnyState::Eqlv2(state) => {
+                        vec![state.pos_grad(), state.neg_grad(), state.pos_neg()]
+                    }
+                };
+                arrays.concat().iter().map(|v| v.to_bits()).collect()
+            })
             .collect()
     }
 
@@ -479,10 +569,57 @@ mod tests {
             assert_eq!(job.generation, 1, "{}", job.id);
             assert_eq!(job.run_id, "", "{}", job.id);
         }
-        // Written again, it is version 2 and comes back the same.
+        // Written again, it is the current version and comes back the same.
         let rewritten = encode(&jobs);
         assert_eq!(rewritten[8..12], VERSION.to_le_bytes());
         assert_eq!(decode(&rewritten).expect("decodes"), jobs);
+    }
+
+    #[test]
+    fn a_version_2_file_loads_as_it_was_written() {
+        let bytes = include_bytes!("../../tests/data/state-v2.ghmd");
+        assert_eq!(bytes[8..12], 2u32.to_le_bytes(), "the fixture is version 2");
+        let jobs = decode(bytes).expect("a version 2 file loads");
+        assert_eq!(jobs.len(), 2);
+        let sync = jobs
+            .iter()
+            .find(|job| job.id == "fixture/v2-sync")
+            .expect("fixture/v2-sync");
+        assert_eq!((sync.steps, sync.elements, sync.next_step), (3, 15, 3));
+        assert_eq!((sync.generation, sync.run_id.as_str()), (1, "run-v2"));
+        assert_eq!(sync.spec.world_size, 2);
+        let a = 0.578125f32;
+        assert_eq!(
+            bits(std::slice::from_ref(sync)),
+            vec![
+                [0.0, a, a, a, 0.0, a, 0.0, 0.0, 0.0, a]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            ]
+        );
+        let other = jobs
+            .iter()
+            .find(|job| job.id == "fixture/v2-async")
+            .expect("fixture/v2-async");
+        assert_eq!((other.steps, other.elements, other.next_step), (1, 15, 0));
+        assert_eq!((other.generation, other.run_id.as_str()), (2, ""));
+        assert_eq!(bits(std::slice::from_ref(other)), vec![vec![0u32; 5]]);
+        // A GHM job's record is the same in version 3: only the header's version differs.
+        let rewritten = encode(&jobs);
+        assert_eq!(rewritten[8..12], 3u32.to_le_bytes());
+        assert_eq!(rewritten[HEADER_LEN..], bytes[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn an_older_version_cannot_hold_another_method() {
+        let mut bytes = encode(&[seesaw_job("s", 1)]);
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let error = decode(&bytes).expect_err("refused");
+        assert!(
+            error.to_string().contains("unknown method code 2"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -517,7 +654,10 @@ mod tests {
         let crc = crc32fast::hash(&bytes[HEADER_LEN..]);
         bytes[12..16].copy_from_slice(&crc.to_le_bytes());
         let error = decode(&bytes).expect_err("refused");
-        assert!(error.to_string().contains("unknown loss code 7"), "{error}");
+        assert!(
+            error.to_string().contains("unknown method code 7"),
+            "{error}"
+        );
         assert!(error.to_string().contains("team-a/run.1"), "{error}");
     }
 }

@@ -339,8 +339,9 @@ pub fn write_if_changed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ghm::{Loss, Spec};
+    use crate::ghm::{Density, Loss, Spec};
     use crate::jobs::JobSpec;
+    use crate::method::{AnyState, Ghm, MethodSpec};
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -357,12 +358,14 @@ mod tests {
         JobSnapshot {
             id: id.to_owned(),
             spec: JobSpec {
-                ghm: Spec::new(Loss::GhmC, 4, 0.75, 0.0).expect("spec"),
+                method: MethodSpec::Ghm(Ghm {
+                    spec: Spec::new(Loss::GhmC, 4, 0.75, 0.0).expect("spec"),
+                }),
                 world_size: 0,
                 step_timeout: Duration::from_secs(30),
                 allow_partial_steps: false,
             },
-            acc_sum: vec![0.5, 1.25, 0.0, 3.0],
+            state: AnyState::Ghm(Density::from_acc_sum(vec![0.5, 1.25, 0.0, 3.0])),
             steps: 2,
             elements: 17,
             next_step: 0,

@@ -259,7 +259,8 @@ def test_what_a_user_can_get_wrong(client, address, job_id):
     assert "eqlv2" in other_method.value.message
     assert client.get_job(job_id).state.steps == 1
     with pytest.raises(GhmdError) as different:
-        client.create_job(job_id, eqlv2=dict(num_classes=classes, gamma=3.0))
+        client.create_job(job_id, eqlv2=dict(num_classes=classes, gamma=3.0),
+                          run_id=loss._job.run_id)
     assert different.value.code == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(ValueError, match="not both"):
         client.create_job(job_id + "-x", seesaw=dict(num_classes=3), eqlv2=dict(num_classes=3))

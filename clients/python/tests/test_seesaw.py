@@ -102,8 +102,8 @@ def batch(generator, rows, classes, background=0.5):
 def forward_backward(module, scores, labels, label_weights, **kwargs):
     scores = scores.clone().requires_grad_()
     losses = module(scores, labels, label_weights, **kwargs)
-    total = sum(losses.values()) if isinstance(losses, dict) else losses
-    total.sum().backward()
+    parts = losses.values() if isinstance(losses, dict) else [losses]
+    sum(part.sum() for part in parts).backward()
     detached = ({key: value.detach() for key, value in losses.items()}
                 if isinstance(losses, dict) else losses.detach())
     return detached, scores.grad
@@ -310,7 +310,8 @@ def test_what_a_user_can_get_wrong(client, address, job_id):
         client.create_job(job_id + "-p", seesaw=dict(num_classes=3, p=-1.0))
     assert bad_p.value.code == grpc.StatusCode.INVALID_ARGUMENT and "p" in bad_p.value.message
     with pytest.raises(GhmdError) as different:
-        client.create_job(job_id, seesaw=dict(num_classes=classes, q=3.0))
+        client.create_job(job_id, seesaw=dict(num_classes=classes, q=3.0),
+                          run_id=loss._job.run_id)
     assert different.value.code == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(ValueError, match="bins: GHM's parameters"):
         client.create_job(job_id + "-x", bins=10, seesaw=dict(num_classes=3))

@@ -409,8 +409,9 @@ class _RemoteJob(nn.Module):
         run = state_dict.get(prefix + _RUN_KEY)
         if run is not None and self._job is None:
             _resume_run(bytes(run.tolist()).decode())
+        # Copies: creating the job below may write the job's current state into the buffers.
         buffers = {
-            name: getattr(self, name).detach().float().cpu().numpy().reshape(-1)
+            name: getattr(self, name).detach().float().cpu().numpy().reshape(-1).copy()
             for name in self._state_buffers()
         }
         state = self._restore_payload(buffers)

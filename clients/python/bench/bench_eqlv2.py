@@ -11,9 +11,10 @@ alternating within each round so that the machine's load hits them alike:
   - ghmd.torch.EQLV2Loss with overlap=False: the forward waits for the step's answer,
   - ghmd.torch.EQLV2Loss with overlap=True (the default): the step's gradients travel while
     backward, the optimizer and the next forward run; the next forward collects the answer.
-Prints the medians and each one's ratio to the baseline (the medians of the rounds' ratios),
-and the overlapped step against the waiting one. All three run the same steps on the same
-inputs, and the bench checks they end with the same state bit for bit.
+Prints, per variant, the medians of the forward (with the loss) and of the whole step, the
+step's ratio to the baseline and how much longer its forward took (medians over the rounds),
+the overlapped step against the waiting one, and one round trip alone. All three run the same
+steps on the same inputs, and the bench checks they end with the same state bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,14 +85,17 @@ def run(args) -> None:
                torch.randint(0, classes + 1, (args.rois,), generator=generator))
               for _ in range(steps)]
 
-    def step(name: str, index: int) -> float:
+    def step(name: str, index: int) -> Tuple[float, float]:
+        """(forward and loss, the whole step) in seconds."""
         features, labels = inputs[index]
         started = time.perf_counter()
         optimizer = optimizers[name]
         optimizer.zero_grad()
-        losses[name](models[name](features), labels).backward()
+        value = losses[name](models[name](features), labels)
+        forward = time.perf_counter() - started
+        value.backward()
         optimizer.step()
-        return time.perf_counter() - started
+        return forward, time.perf_counter() - started
 
     rounds = []
     for index in range(steps):
@@ -102,13 +108,32 @@ def run(args) -> None:
           f"{classes + 1}, forward + loss + backward + SGD; median of {args.repeat} rounds after "
           f"{args.warmup} warm-up, torch {torch.__version__} on {torch.get_num_threads()} "
           f"threads, ghmd at {args.address}")
+    print(f"  {'':<32} {'forward+loss':>12} {'whole step':>12}   step / local   forward - local")
     for name in names:
-        median = statistics.median(times[name] for times in rounds)
-        ratio = statistics.median(times[name] / times[baseline] for times in rounds)
-        print(f"  {name:<32} {median * 1e3:9.2f} ms   {ratio:5.2f} x local")
+        forward = statistics.median(times[name][0] for times in rounds)
+        whole = statistics.median(times[name][1] for times in rounds)
+        ratio = statistics.median(times[name][1] / times[baseline][1] for times in rounds)
+        waits = statistics.median(times[name][0] - times[baseline][0] for times in rounds)
+        print(f"  {name:<32} {forward * 1e3:9.2f} ms {whole * 1e3:9.2f} ms   {ratio:9.3f}"
+              f"   {waits * 1e3:+10.2f} ms")
     waiting, overlapped = names[1], names[2]
-    saving = statistics.median(times[overlapped] / times[waiting] for times in rounds)
-    print(f"\noverlapped step / waiting step: {saving:.2f} (median of the rounds' ratios)")
+    saving = statistics.median(times[overlapped][1] / times[waiting][1] for times in rounds)
+    print(f"\noverlapped step / waiting step: {saving:.3f} (median of the rounds' ratios)")
+
+    # The round trip alone, on a stream as the loss sends it: what overlapping can hide.
+    round_trip = EQLV2Loss(num_classes=classes, job_id=f"bench/{run_id}/round-trip",
+                           address=args.address)
+    round_trip._ensure_job()
+    session = round_trip._transport()
+    zeros = np.zeros(classes, dtype=np.float32)
+    seconds = [0.0] * (args.warmup + args.repeat)
+    for index in range(len(seconds)):
+        started = time.perf_counter()
+        session.harmonize_eqlv2(round_trip.job_id, zeros, zeros, step=index)
+        seconds[index] = time.perf_counter() - started
+    print(f"one EQLv2 round trip alone (C = {classes}, stream): "
+          f"{statistics.median(seconds[args.warmup:]) * 1e3:.2f} ms median")
+    round_trip.close()
 
     for name in names[1:]:
         losses[name].collect()

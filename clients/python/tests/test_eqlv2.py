@@ -262,6 +262,8 @@ def test_what_a_user_can_get_wrong(client, address, job_id):
         client.create_job(job_id, eqlv2=dict(num_classes=classes, gamma=3.0),
                           run_id=loss._job.run_id)
     assert different.value.code == grpc.StatusCode.ALREADY_EXISTS
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="eqlv2 and seesaw: a job runs one method"):
         client.create_job(job_id + "-x", seesaw=dict(num_classes=3), eqlv2=dict(num_classes=3))
+    with pytest.raises(ValueError, match="'focal' is not a method: use one of seesaw, eqlv2"):
+        client.create_job(job_id + "-x", focal=dict(num_classes=3))
     loss.close()

@@ -28,8 +28,8 @@ from ._proto import ghm_pb2, ghm_pb2_grpc
 from .errors import GhmdError, HealingError, RunLostError
 
 __all__ = [
-    "Client", "Harmonized", "HarmonizeSession", "TLSConfig", "method_state_arrays", "pack_f32",
-    "unpack_f32",
+    "METHODS", "Client", "Harmonized", "HarmonizeSession", "TLSConfig", "method_state_arrays",
+    "pack_f32", "unpack_f32",
 ]
 
 _T = TypeVar("_T")
@@ -167,12 +167,17 @@ def _copy_method_state(source: Any, destination: Any) -> None:
         getattr(destination, which).CopyFrom(getattr(source, which))
 
 
-def _message_class(container: Any, field_name: str) -> Any:
-    """The message class of one of ``container``'s fields (``JobSpec.seesaw``: SeesawSpec)."""
-    descriptor = container.DESCRIPTOR.fields_by_name.get(field_name)
-    if descriptor is None or descriptor.message_type is None:
-        raise ValueError(f"{field_name!r} is not a method of this server's contract")
-    return getattr(ghm_pb2, descriptor.message_type.name)
+#: The methods besides GHM, as JobSpec's ``method`` oneof names them (seesaw, eqlv2): each has a
+#: member of that name in JobSpec.method, HarmonizeRequest.input and the method_state oneofs.
+METHODS = tuple(field.name for field in ghm_pb2.JobSpec.DESCRIPTOR.oneofs_by_name["method"].fields)
+
+
+def _message_class(container: Any, method: str) -> Any:
+    """The message class of a method's field of ``container`` (``JobSpec.seesaw``: SeesawSpec);
+    a name that is not a method is refused, naming the ones there are."""
+    if method not in METHODS:
+        raise ValueError(f"{method!r} is not a method: use one of {', '.join(METHODS)}")
+    return getattr(ghm_pb2, container.DESCRIPTOR.fields_by_name[method].message_type.name)
 
 
 def _method_spec(method: str, values: Any) -> Any:
@@ -184,7 +189,9 @@ def _method_spec(method: str, values: Any) -> Any:
     known = {descriptor.name for descriptor in message_type.DESCRIPTOR.fields}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{method}: unknown field(s) {unknown}; a {method} job takes {sorted(known)}")
+        raise ValueError(
+            f"{method}: unknown field(s) {unknown}; a {method} job takes {sorted(known)}"
+        )
     return message_type(**{key: value for key, value in values.items() if value is not None})
 
 
@@ -251,10 +258,10 @@ def _state(state: StateLike) -> ghm_pb2.JobState:
         next_step=int(state.get("next_step", 0)),
     )
     # A method's state as {"seesaw": {"cum_samples": ...}} or {"eqlv2": {"pos_grad": ...}}.
-    for method in ghm_pb2.JobState.DESCRIPTOR.oneofs_by_name["method_state"].fields:
-        buffers = state.get(method.name)
+    for method in METHODS:
+        buffers = state.get(method)
         if buffers is not None:
-            target = getattr(job_state, method.name)
+            target = getattr(job_state, method)
             for name, values in buffers.items():
                 getattr(target, name).extend(np.asarray(values, dtype=np.float32).ravel().tolist())
             target.SetInParent()
@@ -776,25 +783,24 @@ class Client(_Steps):
         step_timeout: Optional[Seconds] = None,
         allow_partial_steps: bool = False,
         run_id: Optional[str] = None,
-        seesaw: Optional[Mapping[str, Any]] = None,
-        eqlv2: Optional[Mapping[str, Any]] = None,
+        **method: Optional[Mapping[str, Any]],
     ) -> ghm_pb2.Job:
         """Creates a job, or returns the existing one if it has the same spec (idempotent).
 
         A GHM job takes ``loss`` (default "ghm_c"), ``bins`` (10), ``momentum`` (0) and ``mu``
-        (0). A Seesaw job takes ``seesaw=dict(num_classes=C, p=, q=, eps=)`` and an EQLv2 job
-        ``eqlv2=dict(num_classes=C, gamma=, mu=, alpha=)`` instead (absent or None parameters:
-        mmdetection's defaults, which the server fills in); GHM's four are theirs alone.
+        (0). Another method is one keyword, named as in JobSpec's ``method``, with its spec's
+        fields: ``seesaw=dict(num_classes=C, p=, q=, eps=)`` or ``eqlv2=dict(num_classes=C,
+        gamma=, mu=, alpha=)`` (absent or None parameters: mmdetection's defaults, which the
+        server fills in); GHM's four are GHM's alone.
 
         ``run_id`` names one training run (chosen once, e.g. a UUID, and shared by its ranks): a
         new run that reuses the job id starts fresh instead of inheriting an old density, and a
         job another live run uses raises :class:`ghmd.RunLostError`. The returned job is what
         this client heals the job from until its first step is acknowledged.
         """
-        methods = {name: values for name, values in (("seesaw", seesaw), ("eqlv2", eqlv2))
-                   if values is not None}
+        methods = {name: values for name, values in method.items() if values is not None}
         if len(methods) > 1:
-            raise ValueError("give seesaw or eqlv2, not both: a job runs one method")
+            raise ValueError(f"{' and '.join(sorted(methods))}: a job runs one method, not both")
         if methods:
             ghm_arguments = {"loss": loss, "bins": bins, "momentum": momentum, "mu": mu}
             given = sorted(name for name, value in ghm_arguments.items() if value is not None)
@@ -803,7 +809,8 @@ class Client(_Steps):
                                  f"{next(iter(methods))} job")
             spec = ghm_pb2.JobSpec(world_size=world_size, allow_partial_steps=allow_partial_steps)
             for name, values in methods.items():
-                getattr(spec, name).CopyFrom(_method_spec(name, values))
+                spec_of_method = _method_spec(name, values)  # refuses a name that is no method
+                getattr(spec, name).CopyFrom(spec_of_method)
         else:
             spec = ghm_pb2.JobSpec(
                 loss=_loss("ghm_c" if loss is None else loss),

@@ -21,6 +21,7 @@ ROWS = 96
 # Uneven shards: ranks need not see the same number of samples.
 SHARDS = [slice(0, 60), slice(60, ROWS)]
 STEPS = 4
+REPLAYED = 2  # steps run after the checkpoint, then replayed after every rank restored it
 
 
 def global_batch(step: int, channels: int):
@@ -63,8 +64,23 @@ def seesaw(rank: int, world_size: int, init_file: str, address: str, job_id: str
             "cum_samples": loss.cum_samples.clone(),
         })
     saved = loss.state_dict()
+
+    def on(module, index):
+        x, labels, label_weights = global_batch(index, CLASSES + 2)
+        shard = SHARDS[rank]
+        losses = module(model(x[shard]).detach(), labels[shard], label_weights[shard])
+        return losses, module.cum_samples.clone()
+
+    after = [on(loss, STEPS + index) for index in range(REPLAYED)]
     loss.close()
-    torch.save({"records": records, "saved": saved}, f"{out}/seesaw{rank}.pt")
+    # A restarted run: every rank loads the checkpoint; rank 0 restores the job at the first
+    # step, behind a barrier, and the steps after it replay to the same bits.
+    resumed = SeesawLoss(num_classes=CLASSES, job_id=job_id, address=address)
+    resumed.load_state_dict(saved)
+    replayed = [on(resumed, STEPS + index) for index in range(REPLAYED)]
+    resumed.close()
+    torch.save({"records": records, "saved": saved, "after": after, "replayed": replayed},
+               f"{out}/seesaw{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -102,7 +118,24 @@ def eqlv2(rank: int, world_size: int, init_file: str, address: str, job_id: str,
             "their_state": {name: getattr(theirs, name).clone() for name in
                             ("pos_grad", "neg_grad", "pos_neg")},
         })
+    # The step of the checkpoint's next iteration is in flight when it is saved.
+    x, labels, _ = global_batch(STEPS, CLASSES + 1)
+    loss(model(x[SHARDS[rank]]).detach(), labels[SHARDS[rank]])
+    saved = loss.state_dict()
+
+    def on(module, index):
+        x, labels, _ = global_batch(index, CLASSES + 1)
+        value = module(model(x[SHARDS[rank]]).detach(), labels[SHARDS[rank]])
+        module.collect()
+        return value, module.pos_neg.clone()
+
+    after = [on(loss, STEPS + 1 + index) for index in range(REPLAYED)]
     loss.close()
-    torch.save({"records": records}, f"{out}/eqlv2{rank}.pt")
+    resumed = EQLV2Loss(num_classes=CLASSES, job_id=job_id, address=address)
+    resumed.load_state_dict(saved)
+    replayed = [on(resumed, STEPS + 1 + index) for index in range(REPLAYED)]
+    resumed.close()
+    torch.save({"records": records, "saved": saved, "after": after, "replayed": replayed},
+               f"{out}/eqlv2{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

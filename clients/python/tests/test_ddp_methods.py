@@ -1,7 +1,8 @@
 """Seesaw and EQLv2 under DDP: two processes (gloo, CPU) on one step-synchronous job each. Both
 ranks hold one statistic, that of one process that saw the global batch: Seesaw's cum_samples
 those of mmdetection's SeesawLoss fed every rank's labels, EQLv2's state the rank-order sum of
-the ranks' contributions (what mmdetection's EQLV2Loss with use_distributed=True computes)."""
+the ranks' contributions (what mmdetection's EQLV2Loss with use_distributed=True computes). A
+checkpoint every rank loads restores the job, and the steps after it replay to the same bits."""
 
 from __future__ import annotations
 
@@ -22,6 +23,19 @@ def spawn(target, tmp_path, address, job_id, name):
     mp.spawn(target, args=(WORLD, str(tmp_path / "init"), address, job_id, str(tmp_path)),
              nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"{name}{rank}.pt") for rank in range(WORLD)]
+
+
+def assert_replayed(ranks):
+    """Every rank loaded the checkpoint into a new loss: the steps after it gave the same bits
+    as the first time."""
+    for rank in ranks:
+        assert len(rank["after"]) == len(rank["replayed"]) == worker.REPLAYED
+        for (loss, state), (again, state_again) in zip(rank["after"], rank["replayed"]):
+            if isinstance(loss, dict):
+                assert all(torch.equal(loss[key], again[key]) for key in loss)
+            else:
+                assert torch.equal(loss, again)
+            assert torch.equal(state, state_again)
 
 
 def test_seesaw_two_ranks_share_the_counts_of_the_global_batch(address, job_id, tmp_path):
@@ -55,6 +69,7 @@ def test_seesaw_two_ranks_share_the_counts_of_the_global_batch(address, job_id, 
     for rank in ranks:
         assert torch.equal(rank["saved"]["cum_samples"], one_process.cum_samples)
         assert int(rank["saved"]["steps"]) == worker.STEPS == int(rank["saved"]["next_step"])
+    assert_replayed(ranks)
 
 
 def test_eqlv2_two_ranks_share_the_rank_order_sum(address, job_id, tmp_path):
@@ -78,3 +93,6 @@ def test_eqlv2_two_ranks_share_the_rank_order_sum(address, job_id, tmp_path):
         for name in ("pos_grad", "neg_grad"):
             torch.testing.assert_close(records[0]["state"][name], getattr(one_process, name),
                                        rtol=1e-5, atol=1e-6)
+    for rank in ranks:  # saved with a step in flight: the checkpoint holds it
+        assert int(rank["saved"]["steps"]) == worker.STEPS + 1 == int(rank["saved"]["next_step"])
+    assert_replayed(ranks)

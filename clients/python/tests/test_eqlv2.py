@@ -6,6 +6,7 @@ wrong."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import grpc
@@ -137,7 +138,7 @@ def test_the_round_trip_does_not_hold_the_forward(address, job_id):
     generator = torch.Generator().manual_seed(9)
     scores, labels = batch(generator, 32, classes)
     loss(scores, labels)  # would wait for rank 1 here if the step were not overlapped
-    in_flight = loss._in_flight[1]
+    in_flight = loss._mirror.in_flight[1]
     assert not in_flight.done(), "step 0 cannot be complete without rank 1"
     second = threading.Thread(target=loss, args=batch(generator, 32, classes))
     second.start()
@@ -153,6 +154,25 @@ def test_the_round_trip_does_not_hold_the_forward(address, job_id):
         rank1.harmonize_eqlv2(job_id, np.ones(classes), np.ones(classes), step=1, rank=1)
     assert loss.collect().step == 1 and loss.collect().steps == 2
     loss.close()
+
+
+def test_a_deep_copy_with_a_step_in_flight(address, job_id):
+    """mmengine's EMAHook deep-copies the model every iteration, also right after a forward: the
+    copy and the original share the step in flight, whichever saves first waits for it, and both
+    report the job's state after it (as GHMC's copies report the job's live density)."""
+    classes = 8
+    loss = EQLV2Loss(num_classes=classes, job_id=job_id, address=address)
+    generator = torch.Generator().manual_seed(10)
+    for _ in range(3):
+        forward_backward(loss, *batch(generator, 40, classes))
+        twin = copy.deepcopy(loss)
+    assert loss._mirror.in_flight is not None, "step 2 still in flight"
+    copied, original = twin.state_dict(), loss.state_dict()  # the copy collects the step
+    for name in BUFFERS:
+        assert torch.equal(copied[name], original[name]), name
+    assert int(copied["steps"]) == int(original["steps"]) == 3
+    loss.close()
+    twin.close()
 
 
 def steps_of(module, generator, count, classes):

@@ -148,6 +148,11 @@ class _JobMirror:
         self.buffers: Dict[str, np.ndarray] = {}
         self.counters: Optional[Tuple[int, int, int]] = None
         self.next_call: Optional[int] = None
+        #: The last step's answer, whichever copy of the module collected it.
+        self.last: Optional[Harmonized] = None
+        #: A step sent and not yet answered, (step, future): EQLv2's, which travels while the
+        #: next forward runs. Here so that a copy's state_dict waits for it too.
+        self.in_flight: Optional[Tuple[int, concurrent.futures.Future]] = None
 
     def __deepcopy__(self, memo: Any) -> "_JobMirror":
         return self
@@ -178,6 +183,7 @@ class _JobMirror:
     def saw_step(self, result: Harmonized) -> None:
         self.buffers = dict(result.method_state) or {"acc_sum": result.acc_sum}
         self.counters = result.counters
+        self.last = result
 
 
 class _RemoteJob(nn.Module):
@@ -1004,7 +1010,6 @@ class EQLV2Loss(_RemoteMethod):
         # 100 before any step, the reference's start: every weight is then 1.
         self.register_buffer("pos_neg", torch.ones(num_classes) * 100)
         self._sender: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._in_flight: Optional[Tuple[int, concurrent.futures.Future]] = None
 
     def _method_spec(self) -> Dict[str, Any]:
         return dict(num_classes=self.num_classes, gamma=self.gamma, mu=self.mu, alpha=self.alpha)
@@ -1014,7 +1019,7 @@ class EQLV2Loss(_RemoteMethod):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        state.update(_sender=None, _in_flight=None)
+        state.update(_sender=None)
         return state
 
     def close(self) -> None:
@@ -1044,16 +1049,21 @@ class EQLV2Loss(_RemoteMethod):
         return self.last_result
 
     def _collect(self) -> None:
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is None:
-            return
-        step, answer = in_flight
-        try:
-            result = answer.result()
-        except BaseException:
-            self._mirror.next_call = step  # the step did not happen: the next call is it again
-            raise
-        self._saw(result)
+        # The step in flight is the mirror's, shared with deep copies (EMAHook's): whichever
+        # copy collects it, every copy then takes the state from the mirror.
+        mirror = self._mirror
+        in_flight, mirror.in_flight = mirror.in_flight, None
+        if in_flight is not None:
+            step, answer = in_flight
+            try:
+                result = answer.result()
+            except BaseException:
+                mirror.next_call = step  # the step did not happen: the next call is it again
+                raise
+            mirror.saw_step(result)
+        if mirror.last is not None:
+            self.last_result = mirror.last
+        self._mirror_to_buffers()
 
     def _send_in_background(self, step: int, gradients: torch.Tensor) -> None:
         if gradients.is_cuda:
@@ -1075,7 +1085,7 @@ class EQLV2Loss(_RemoteMethod):
             self._sender = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="ghmd-eqlv2"
             )
-        self._in_flight = (step, self._sender.submit(send))
+        self._mirror.in_flight = (step, self._sender.submit(send))
 
     # -- the loss ----------------------------------------------------------------------------------
 

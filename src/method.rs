@@ -810,28 +810,32 @@ impl MethodSpec {
             });
         }
         let bins = method.spec.bins();
-        if ghm.bin_weights.len() != bins {
-            return Err(request(format!(
-                "last_step.bin_weights has {} entries: the job has {bins} bins",
-                ghm.bin_weights.len()
-            )));
-        }
-        if let Some((index, value)) = first_bad(&ghm.bin_weights) {
-            return Err(request(format!(
-                "last_step.bin_weights[{index}] = {value}: must be finite and >= 0"
-            )));
-        }
         let acc_bins = if method.spec.uses_ema() { bins } else { 0 };
-        if ghm.acc_sum.len() != acc_bins {
-            return Err(request(format!(
-                "last_step.acc_sum has {} entries: the job's responses carry {acc_bins}",
-                ghm.acc_sum.len()
-            )));
-        }
-        if let Some((index, value)) = first_bad(&ghm.acc_sum) {
-            return Err(request(format!(
-                "last_step.acc_sum[{index}] = {value}: must be finite and >= 0"
-            )));
+        for (field, values, expected, meaning) in [
+            (
+                "bin_weights",
+                &ghm.bin_weights,
+                bins,
+                format!("the job has {bins} bins"),
+            ),
+            (
+                "acc_sum",
+                &ghm.acc_sum,
+                acc_bins,
+                format!("the job's responses carry {acc_bins}"),
+            ),
+        ] {
+            if values.len() != expected {
+                return Err(request(format!(
+                    "last_step.{field} has {} entries: {meaning}",
+                    values.len()
+                )));
+            }
+            if let Some((index, value)) = first_bad(values) {
+                return Err(request(format!(
+                    "last_step.{field}[{index}] = {value}: must be finite and >= 0"
+                )));
+            }
         }
         if !(ghm.tot.is_finite() && ghm.tot >= 0.0) {
             return Err(request(format!(

@@ -82,7 +82,8 @@ def train(rank: int, world_size: int, args) -> None:
         if rank == 0:
             shared = gathered[0][0]
             same = all(g[0] == shared for g in gathered)
-            print(f"step {step:3d}  loss (mean of ranks) {sum(g[2] for g in gathered) / world_size:.4f}"
+            mean_loss = sum(g[2] for g in gathered) / world_size
+            print(f"step {step:3d}  loss (mean of ranks) {mean_loss:.4f}"
                   f"  every rank weighs with the same counts: {'yes' if same else 'NO'}")
             print(f"  ghmd, every rank : {counts(shared)}")
             for other, (_, own, _) in enumerate(gathered):

@@ -807,7 +807,9 @@ class SeesawLoss(_RemoteMethod):
         **options: Any,
     ) -> None:
         if use_sigmoid:
-            raise NotImplementedError("SeesawLoss supports only use_sigmoid=False, as mmdetection's")
+            raise NotImplementedError(
+                "SeesawLoss supports only use_sigmoid=False, as mmdetection's"
+            )
         super().__init__(num_classes=num_classes, reduction=reduction, loss_weight=loss_weight,
                          **options)
         self.use_sigmoid = False
@@ -860,7 +862,9 @@ class SeesawLoss(_RemoteMethod):
             [class_scores * objectness_scores[..., [0]], objectness_scores[..., [1]]], dim=-1
         )
 
-    def get_accuracy(self, cls_score: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def get_accuracy(
+        self, cls_score: torch.Tensor, labels: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         """Top-1 accuracy of the objectness (all samples) and of the classes (foreground)."""
         classes, objectness = self._split(cls_score)
         foreground = labels < self.num_classes

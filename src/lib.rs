@@ -14,6 +14,7 @@ pub mod auth;
 pub mod client;
 mod codec;
 pub mod config;
+pub mod engine;
 pub mod eqlv2;
 pub mod ghm;
 pub mod jobs;

@@ -26,67 +26,7 @@ use crate::eqlv2::{self, Eqlv2, Eqlv2State, GradContribution};
 use crate::ghm::{self, BatchCounts, BinEdges, BinTable, BinnedBatch, Density, InputField, Loss};
 use crate::seesaw::{self, LabelCounts, Seesaw, SeesawState};
 
-/// The largest class count a Seesaw or EQLv2 job may have. LVIS has 1203; 2^16 leaves room for
-/// larger vocabularies while keeping a job's state and every response a few hundred KiB at most.
-pub const MAX_CLASSES: u32 = 1 << 16;
-
-/// The most ranks a step can have (`jobs::MAX_WORLD_SIZE`), restated here because the math may
-/// not import the job core: per-rank bounds are chosen so that a step of this many ranks cannot
-/// overflow its reduction.
-pub const MAX_RANKS: u64 = 1 << 16;
-
-/// One re-weighting method with a per-job statistic shared by every worker.
-///
-/// A value of the implementing type is a job's checked spec (its class or bin count and its
-/// parameters), made once when the job is created, so that the four parts need not check it.
-pub trait Method {
-    /// What one rank sends for one step; also the step's total after [`Method::reduce`].
-    type Contribution: Clone + std::fmt::Debug + PartialEq + Send + Sync + 'static;
-    /// What a job keeps between steps and what a checkpoint holds.
-    type State: Clone + std::fmt::Debug + PartialEq + Send + 'static;
-    /// What every rank of a step gets back.
-    type Table: Clone + std::fmt::Debug + PartialEq + Send + Sync + 'static;
-    /// A contribution or a step the method refuses, naming the field and the index.
-    type Error: std::error::Error + Clone + PartialEq + Send + Sync + 'static;
-
-    /// The state of a job that has applied no step.
-    fn initial_state(&self) -> Self::State;
-
-    /// Checks one rank's contribution against the job: the O(size) part of validation, meant to
-    /// run outside the job's lock.
-    fn check(&self, contribution: &Self::Contribution) -> Result<(), Self::Error>;
-
-    /// The step's total from the contributions of the ranks present, in rank order (the step
-    /// barrier hands them over so, and gives them up: taken by value, rank 0's buffers can
-    /// become the total and a dispatch over methods can move them without a copy). Arrival
-    /// order must not matter; rank order may, and for float32 sums it does.
-    fn reduce(
-        &self,
-        in_rank_order: Vec<Self::Contribution>,
-    ) -> Result<Self::Contribution, Self::Error>;
-
-    /// Folds a step's total into the state and returns the step's table. On `Err` the state is
-    /// exactly as it was.
-    fn fold(
-        &self,
-        state: &mut Self::State,
-        total: &Self::Contribution,
-    ) -> Result<Self::Table, Self::Error>;
-
-    /// A whole step as the job core runs it, the four parts in order: what one process does with
-    /// `W = 1`, and what the barrier's apply does with the ranks of a step.
-    fn step(
-        &self,
-        state: &mut Self::State,
-        in_rank_order: Vec<Self::Contribution>,
-    ) -> Result<Self::Table, Self::Error> {
-        for contribution in &in_rank_order {
-            self.check(contribution)?;
-        }
-        let total = self.reduce(in_rank_order)?;
-        self.fold(state, &total)
-    }
-}
+pub use crate::engine::{MAX_CLASSES, MAX_RANKS, Method};
 
 /// GHM on the engine, through `ghm`'s public functions only.
 ///
@@ -870,28 +810,32 @@ impl MethodSpec {
             });
         }
         let bins = method.spec.bins();
-        if ghm.bin_weights.len() != bins {
-            return Err(request(format!(
-                "last_step.bin_weights has {} entries: the job has {bins} bins",
-                ghm.bin_weights.len()
-            )));
-        }
-        if let Some((index, value)) = first_bad(&ghm.bin_weights) {
-            return Err(request(format!(
-                "last_step.bin_weights[{index}] = {value}: must be finite and >= 0"
-            )));
-        }
         let acc_bins = if method.spec.uses_ema() { bins } else { 0 };
-        if ghm.acc_sum.len() != acc_bins {
-            return Err(request(format!(
-                "last_step.acc_sum has {} entries: the job's responses carry {acc_bins}",
-                ghm.acc_sum.len()
-            )));
-        }
-        if let Some((index, value)) = first_bad(&ghm.acc_sum) {
-            return Err(request(format!(
-                "last_step.acc_sum[{index}] = {value}: must be finite and >= 0"
-            )));
+        for (field, values, expected, meaning) in [
+            (
+                "bin_weights",
+                &ghm.bin_weights,
+                bins,
+                format!("the job has {bins} bins"),
+            ),
+            (
+                "acc_sum",
+                &ghm.acc_sum,
+                acc_bins,
+                format!("the job's responses carry {acc_bins}"),
+            ),
+        ] {
+            if values.len() != expected {
+                return Err(request(format!(
+                    "last_step.{field} has {} entries: {meaning}",
+                    values.len()
+                )));
+            }
+            if let Some((index, value)) = first_bad(values) {
+                return Err(request(format!(
+                    "last_step.{field}[{index}] = {value}: must be finite and >= 0"
+                )));
+            }
         }
         if !(ghm.tot.is_finite() && ghm.tot >= 0.0) {
             return Err(request(format!(

@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::method::{MAX_CLASSES, Method};
+use crate::engine::{MAX_CLASSES, Method};
 
 /// mmdetection's defaults, for a spec that leaves them out.
 pub const DEFAULT_GAMMA: f64 = 12.0;

@@ -388,14 +388,8 @@ impl Job {
                 input.rank
             )));
         }
-        let (batch, contribution) = self.prepare(input)?;
-        // One rank's contribution is the step's total, reduced as any step is (EQLv2's checks
-        // of a total are the same as of a rank's).
-        let total = self
-            .method
-            .spec()
-            .reduce(vec![contribution])
-            .map_err(|e| self.method_error(e))?;
+        // One rank's checked contribution is its step's total: a reduction of one is itself.
+        let (batch, total) = self.prepare(input)?;
         let applied = {
             let mut state = self.state.lock();
             self.check_fence(&state.progress, fence)?;

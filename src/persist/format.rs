@@ -537,17 +537,18 @@ mod tests {
 
     /// A file the previous format's code wrote (tests/data/state-v1.md says how, and what
     /// GetJob said of its jobs then) loads, each job at generation 1 with no run id.
-    #[test]
-    fn a_version_1_file_loads_with_generation_1() {
-        let bytes = include_bytes!("../../tests/data/state-v1.ghmd");
-        assert_eq!(bytes[8..12], 1u32.to_le_bytes(), "the fixture is version 1");
-        let jobs = decode(bytes).expect("a version 1 file loads");
-        let ids: Vec<&str> = jobs.iter().map(|job| job.id.as_str()).collect();
-        assert_eq!(ids.len(), 2);
-        let sync = jobs
-            .iter()
-            .find(|job| job.id == "fixture/sync")
-            .expect("fixture/sync");
+    /// Both fixtures hold the same two jobs (tests/data/state-v1.md, state-v2.md), `sync` and
+    /// `async` under `prefix`: what they share is checked here.
+    fn fixture_jobs(bytes: &[u8], version: u32, prefix: &str) -> Vec<JobSnapshot> {
+        assert_eq!(bytes[8..12], version.to_le_bytes(), "the fixture's version");
+        let jobs = decode(bytes).expect("the fixture loads");
+        assert_eq!(jobs.len(), 2);
+        let find = |name: &str| {
+            jobs.iter()
+                .find(|job| job.id == format!("{prefix}{name}"))
+                .unwrap_or_else(|| panic!("{prefix}{name}"))
+        };
+        let sync = find("sync");
         assert_eq!((sync.steps, sync.elements, sync.next_step), (3, 15, 3));
         assert_eq!(sync.spec.world_size, 2);
         let a = 0.578125f32;
@@ -560,11 +561,19 @@ mod tests {
                     .collect::<Vec<_>>()
             ]
         );
-        let other = jobs
-            .iter()
-            .find(|job| job.id == "fixture/async")
-            .expect("fixture/async");
+        let other = find("async");
         assert_eq!((other.steps, other.elements, other.next_step), (1, 15, 0));
+        assert_eq!(bits(std::slice::from_ref(other)), vec![vec![0u32; 5]]);
+        jobs
+    }
+
+    #[test]
+    fn a_version_1_file_loads_with_generation_1() {
+        let jobs = fixture_jobs(
+            include_bytes!("../../tests/data/state-v1.ghmd"),
+            1,
+            "fixture/",
+        );
         for job in &jobs {
             assert_eq!(job.generation, 1, "{}", job.id);
             assert_eq!(job.run_id, "", "{}", job.id);
@@ -578,33 +587,19 @@ mod tests {
     #[test]
     fn a_version_2_file_loads_as_it_was_written() {
         let bytes = include_bytes!("../../tests/data/state-v2.ghmd");
-        assert_eq!(bytes[8..12], 2u32.to_le_bytes(), "the fixture is version 2");
-        let jobs = decode(bytes).expect("a version 2 file loads");
-        assert_eq!(jobs.len(), 2);
-        let sync = jobs
+        let jobs = fixture_jobs(bytes, 2, "fixture/v2-");
+        let lineages: Vec<(&str, u64, &str)> = jobs
             .iter()
-            .find(|job| job.id == "fixture/v2-sync")
-            .expect("fixture/v2-sync");
-        assert_eq!((sync.steps, sync.elements, sync.next_step), (3, 15, 3));
-        assert_eq!((sync.generation, sync.run_id.as_str()), (1, "run-v2"));
-        assert_eq!(sync.spec.world_size, 2);
-        let a = 0.578125f32;
-        assert_eq!(
-            bits(std::slice::from_ref(sync)),
-            vec![
-                [0.0, a, a, a, 0.0, a, 0.0, 0.0, 0.0, a]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            ]
+            .map(|job| (job.id.as_str(), job.generation, job.run_id.as_str()))
+            .collect();
+        assert!(
+            lineages.contains(&("fixture/v2-sync", 1, "run-v2")),
+            "{lineages:?}"
         );
-        let other = jobs
-            .iter()
-            .find(|job| job.id == "fixture/v2-async")
-            .expect("fixture/v2-async");
-        assert_eq!((other.steps, other.elements, other.next_step), (1, 15, 0));
-        assert_eq!((other.generation, other.run_id.as_str()), (2, ""));
-        assert_eq!(bits(std::slice::from_ref(other)), vec![vec![0u32; 5]]);
+        assert!(
+            lineages.contains(&("fixture/v2-async", 2, "")),
+            "{lineages:?}"
+        );
         // A GHM job's record is the same in version 3: only the header's version differs.
         let rewritten = encode(&jobs);
         assert_eq!(rewritten[8..12], 3u32.to_le_bytes());

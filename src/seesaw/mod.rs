@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::method::{MAX_CLASSES, MAX_RANKS, Method};
+use crate::engine::{MAX_CLASSES, MAX_RANKS, Method};
 
 /// The most samples one rank's counts of one step may add up to: with [`MAX_RANKS`] ranks a
 /// step's sums stay below 2^63, so the reduction of checked contributions cannot overflow. Far

@@ -165,16 +165,20 @@ async fn ranks_waiting_on_a_wide_step_hold_no_copy_of_their_bins() {
         };
         ranks.spawn(async move { client.harmonize(request).await });
     }
-    // Until the server's memory stops growing: every rank has arrived (the deletion below
-    // proves it: a rank that had not would get NOT_FOUND, not ABORTED).
+    // Until the server's memory stops growing for three seconds in a row (one second is not
+    // enough on a loaded machine, where the ranks trickle in): every rank has arrived (the
+    // deletion below proves it: a rank that had not would get NOT_FOUND, not ABORTED).
     let started = Instant::now();
     let mut last_kib = server.rss_kib().0;
-    loop {
+    let mut still = 0;
+    while still < 3 && started.elapsed() < Duration::from_secs(180) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now_kib = server.rss_kib().0;
-        if now_kib < last_kib + 256 || started.elapsed() > Duration::from_secs(120) {
-            break;
-        }
+        still = if now_kib < last_kib + 256 {
+            still + 1
+        } else {
+            0
+        };
         last_kib = now_kib;
     }
     let (after_kib, peak_kib) = server.rss_kib();

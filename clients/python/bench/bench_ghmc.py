@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from ghmd import Client  # noqa: E402
-from ghmd.local import free_port, wait_for  # noqa: E402
+from ghmd.local import scratch_server  # noqa: E402
 from ghmd.torch import GHMC  # noqa: E402
 from mmdet_port import PortGHMC  # noqa: E402
 
@@ -67,19 +66,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
 
-    server = None
-    if args.address is None:
-        args.address = f"127.0.0.1:{free_port()}"
-        server = subprocess.Popen([args.ghmd, "serve", "--listen", args.address, "--in-memory",
-                                   "--metrics-listen", "127.0.0.1:0"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(args.address)
+    with scratch_server(args.ghmd, args.address) as args.address:
         run(args)
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
 
 
 def run(args) -> None:

@@ -329,3 +329,74 @@ def test_a_rank_that_did_not_restore_resyncs_and_replays_the_same_bits(address, 
     assert state.steps == 6 and state.generation == restored.state.generation
     for client in ranks:
         client.close()
+
+
+#: Per method: its spec and a draw of one rank's contribution.
+METHODS = {
+    "seesaw": (dict(num_classes=6), lambda rng: {"label_counts": rng.integers(0, 40, 7)}),
+    "eqlv2": (dict(num_classes=6), lambda rng: {
+        "pos_grad": rng.random(6).astype(np.float32),
+        "neg_grad": (rng.random(6) * 3).astype(np.float32),
+    }),
+}
+
+
+def one_process_sum(contributions):
+    """What one process that saw every rank's batch sends: Seesaw's counts summed, EQLv2's
+    gradient sums added in float32 (two ranks: in either order, the same bits)."""
+    return {name: np.sum(np.stack([c[name] for c in contributions]), axis=0)
+            for name in contributions[0]}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_seesaw_or_eqlv2_job_heals_with_its_state(tmp_path, job_id, reference_server, method):
+    """Two ranks step a Seesaw or EQLv2 job; the server is killed with SIGKILL and comes back
+    empty (in memory): the ranks reseed it from their last answer (its whole method state, and
+    the last step for a rank whose answer was lost), and every answer is what a server that
+    never failed gives one process fed the global batch."""
+    spec, draw = METHODS[method]
+    rng = np.random.default_rng(3)
+    steps, world = 150, 2
+    contributions = [[draw(rng) for _ in range(world)] for _ in range(steps)]
+    server = Replica(tmp_path, method, "--in-memory").start()
+    answers = [[] for _ in range(world)]
+    errors = []
+
+    def rank_loop(rank):
+        try:
+            with Client(server.address) as client:
+                client.create_job(job_id, world_size=world, step_timeout=30, **{method: spec})
+                for step in range(steps):
+                    answers[rank].append(client.harmonize_method(
+                        job_id, method, contributions[step][rank], step=step, rank=rank))
+                    time.sleep(0.005)
+        except Exception as error:  # reported by the test, not lost in a thread
+            errors.append(error)
+
+    try:
+        threads = [threading.Thread(target=rank_loop, args=(rank,), daemon=True)
+                   for rank in range(world)]
+        for thread in threads:
+            thread.start()
+        while min(len(answer) for answer in answers) < 10 and not errors:
+            time.sleep(0.001)
+        server.kill()
+        server.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        assert min(len(answer) for answer in answers) == steps
+        assert server.counter("ghmd_reseeds", outcome="created") == 1, "W ranks, one copy"
+    finally:
+        server.stop()
+    with Client(reference_server.address) as client:
+        client.create_job(job_id + "-reference", **{method: spec})
+        for step in range(steps):
+            expected = client.harmonize_method(job_id + "-reference", method,
+                                               one_process_sum(contributions[step]))
+            for rank in range(world):
+                got = answers[rank][step]
+                assert got.step == step and got.steps == step + 1
+                for name, values in expected.method_state.items():
+                    np.testing.assert_array_equal(got.method_state[name], values,
+                                                  err_msg=f"step {step} rank {rank} {name}")

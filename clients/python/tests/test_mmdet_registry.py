@@ -11,7 +11,10 @@ import types
 import pytest
 
 import ghmd.torch
-from ghmd.torch import GHMC, GHMR, register_mmdet
+from ghmd.torch import GHMC, GHMR, EQLV2Loss, SeesawLoss, register_mmdet
+
+NAMES = {"RemoteGHMC": GHMC, "RemoteGHMR": GHMR, "RemoteSeesawLoss": SeesawLoss,
+         "RemoteEQLV2Loss": EQLV2Loss}
 
 
 class FakeRegistry:
@@ -44,9 +47,9 @@ def fake_mmdet(monkeypatch):
     return registry
 
 
-def test_register_mmdet_registers_both_losses(fake_mmdet):
+def test_register_mmdet_registers_every_loss(fake_mmdet):
     assert register_mmdet() is fake_mmdet
-    assert fake_mmdet.modules == {"RemoteGHMC": GHMC, "RemoteGHMR": GHMR}
+    assert fake_mmdet.modules == NAMES
     register_mmdet()  # again: harmless
     # A config as mmdetection's retinanet_ghm config writes it, plus the job's id and address.
     loss_cls = fake_mmdet.build(dict(type="RemoteGHMC", bins=30, momentum=0.75, use_sigmoid=True,
@@ -57,17 +60,24 @@ def test_register_mmdet_registers_both_losses(fake_mmdet):
     loss_bbox = fake_mmdet.build(dict(type="RemoteGHMR", mu=0.02, bins=10, momentum=0.7,
                                       loss_weight=10.0, job_id="retina/run1-bbox"))
     assert isinstance(loss_bbox, GHMR) and loss_bbox.loss_weight == 10.0
+    # mmdetection's LVIS configs: Seesaw replaces a CrossEntropyLoss, whose keys merge in.
+    seesaw = fake_mmdet.build(dict(type="RemoteSeesawLoss", p=0.8, q=2.0, num_classes=1203,
+                                   loss_weight=1.0, use_sigmoid=False, job_id="lvis/cls"))
+    assert isinstance(seesaw, SeesawLoss) and seesaw.num_classes == 1203
+    eqlv2 = fake_mmdet.build(dict(type="RemoteEQLV2Loss", num_classes=1203, use_sigmoid=True,
+                                  loss_weight=1.0, job_id="lvis/eqlv2"))
+    assert isinstance(eqlv2, EQLV2Loss) and eqlv2.gamma == 12
 
 
 def test_custom_imports_module_registers_on_import(fake_mmdet):
     importlib.import_module("ghmd.mmdet")
-    assert set(fake_mmdet.modules) == {"RemoteGHMC", "RemoteGHMR"}
+    assert set(fake_mmdet.modules) == set(NAMES)
 
 
 def test_an_explicit_registry(fake_mmdet):
     other = FakeRegistry()
     register_mmdet(other)
-    assert set(other.modules) == {"RemoteGHMC", "RemoteGHMR"} and not fake_mmdet.modules
+    assert set(other.modules) == set(NAMES) and not fake_mmdet.modules
 
 
 def test_without_mmdetection_the_error_says_so(monkeypatch):

@@ -1,7 +1,8 @@
 """Python client for ghmd, the Gradient Harmonizing Mechanism service.
 
 ``ghmd.Client`` talks to a server; ``ghmd.torch`` (needs PyTorch) has drop-in replacements for
-mmdetection's GHMC and GHMR losses whose density lives in ghmd, shared by every rank.
+mmdetection's GHMC, GHMR, SeesawLoss and EQLV2Loss whose running statistic lives in ghmd, shared
+by every rank.
 """
 
 from ._proto import ghm_pb2, ghm_pb2_grpc

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, TypeVar, Union,
@@ -27,7 +27,10 @@ from google.protobuf import duration_pb2
 from ._proto import ghm_pb2, ghm_pb2_grpc
 from .errors import GhmdError, HealingError, RunLostError
 
-__all__ = ["Client", "Harmonized", "HarmonizeSession", "TLSConfig", "pack_f32", "unpack_f32"]
+__all__ = [
+    "METHODS", "Client", "Harmonized", "HarmonizeSession", "TLSConfig", "method_state_arrays",
+    "pack_f32", "unpack_f32",
+]
 
 _T = TypeVar("_T")
 _log = logging.getLogger("ghmd")
@@ -111,6 +114,11 @@ class Harmonized:
     elements: int = 0
     next_step: int = 0
     generation: int = 0
+    #: Seesaw and EQLv2 jobs: the method ("seesaw", "eqlv2") and its whole state right after the
+    #: step, by buffer name (``cum_samples``; ``pos_grad``, ``neg_grad``, ``pos_neg``), float32.
+    #: GHM: "" and empty.
+    method: str = ""
+    method_state: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def counters(self) -> Tuple[int, int, int]:
@@ -132,7 +140,87 @@ class Harmonized:
             elements=response.elements,
             next_step=response.next_step,
             generation=response.generation,
+            method=response.WhichOneof("method_state") or "",
+            method_state=method_state_arrays(response),
         )
+
+
+def method_state_arrays(message: Any) -> Dict[str, np.ndarray]:
+    """The method state a JobState, HarmonizeResponse or AppliedStep carries, as float32 arrays
+    by field name (every method state is a few float vectors: a new method needs nothing here);
+    empty for GHM."""
+    which = message.WhichOneof("method_state")
+    if which is None:
+        return {}
+    state = getattr(message, which)
+    return {
+        descriptor.name: np.array(getattr(state, descriptor.name), dtype=np.float32)
+        for descriptor in state.DESCRIPTOR.fields
+    }
+
+
+def _copy_method_state(source: Any, destination: Any) -> None:
+    """Copies the method_state oneof between two messages that both have one (they share its
+    field names: seesaw, eqlv2)."""
+    which = source.WhichOneof("method_state")
+    if which is not None:
+        getattr(destination, which).CopyFrom(getattr(source, which))
+
+
+#: The methods besides GHM, as JobSpec's ``method`` oneof names them (seesaw, eqlv2): each has a
+#: member of that name in JobSpec.method, HarmonizeRequest.input and the method_state oneofs.
+METHODS = tuple(field.name for field in ghm_pb2.JobSpec.DESCRIPTOR.oneofs_by_name["method"].fields)
+
+
+def _message_class(container: Any, method: str) -> Any:
+    """The message class of a method's field of ``container`` (``JobSpec.seesaw``: SeesawSpec);
+    a name that is not a method is refused, naming the ones there are."""
+    if method not in METHODS:
+        raise ValueError(f"{method!r} is not a method: use one of {', '.join(METHODS)}")
+    return getattr(ghm_pb2, container.DESCRIPTOR.fields_by_name[method].message_type.name)
+
+
+def _method_spec(method: str, values: Any) -> Any:
+    """A method's spec message from a mapping of its fields (or the message itself); an unknown
+    key is refused here, naming it, rather than dropped."""
+    message_type = _message_class(ghm_pb2.JobSpec, method)
+    if isinstance(values, message_type):
+        return values
+    known = {descriptor.name for descriptor in message_type.DESCRIPTOR.fields}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"{method}: unknown field(s) {unknown}; a {method} job takes {sorted(known)}"
+        )
+    return message_type(**{key: value for key, value in values.items() if value is not None})
+
+
+def _method_contribution(method: str, values: Mapping[str, Any]) -> Any:
+    """A method's HarmonizeRequest input from arrays by field name: a bytes field is packed as
+    little-endian float32, a repeated integer field sent as is (1-D, whole numbers)."""
+    message_type = _message_class(ghm_pb2.HarmonizeRequest, method)
+    fields = {descriptor.name: descriptor for descriptor in message_type.DESCRIPTOR.fields}
+    contribution = message_type()
+    for name, value in values.items():
+        if value is None:
+            continue
+        descriptor = fields.get(name)
+        if descriptor is None:
+            raise ValueError(f"{method}: unknown field {name!r}; use {sorted(fields)}")
+        if descriptor.type == descriptor.TYPE_BYTES:
+            setattr(contribution, name, pack_f32(value))
+            continue
+        array = np.asarray(value)
+        if array.ndim != 1 or not (array.dtype.kind in "iu" or array.size == 0):
+            raise ValueError(
+                f"{method}.{name} must be a 1-D array of integers, got shape {array.shape} "
+                f"of {array.dtype}"
+            )
+        if descriptor.type == descriptor.TYPE_UINT64 and array.size and array.min() < 0:
+            index = int(np.argmin(array))
+            raise ValueError(f"{method}.{name}[{index}] = {array[index]}: cannot be negative")
+        getattr(contribution, name).extend(array.tolist())
+    return contribution
 
 
 def _duration(value: Optional[Seconds], field: str):
@@ -163,12 +251,21 @@ def _state(state: StateLike) -> ghm_pb2.JobState:
     if isinstance(state, ghm_pb2.JobState):
         return state
     acc_sum = np.asarray(state.get("acc_sum", ()), dtype=np.float32)
-    return ghm_pb2.JobState(
+    job_state = ghm_pb2.JobState(
         acc_sum=acc_sum.tolist(),
         steps=int(state.get("steps", 0)),
         elements=int(state.get("elements", 0)),
         next_step=int(state.get("next_step", 0)),
     )
+    # A method's state as {"seesaw": {"cum_samples": ...}} or {"eqlv2": {"pos_grad": ...}}.
+    for method in METHODS:
+        buffers = state.get(method)
+        if buffers is not None:
+            target = getattr(job_state, method)
+            for name, values in buffers.items():
+                getattr(target, name).extend(np.asarray(values, dtype=np.float32).ravel().tolist())
+            target.SetInParent()
+    return job_state
 
 
 def _histogram(counts: Any, tot: float) -> ghm_pb2.Histogram:
@@ -264,9 +361,12 @@ class _JobMemory:
             next_step=response.next_step,
             generation=response.generation,
         )
+        # Seesaw and EQLv2: the response carries the job's whole state, which a reseed needs.
+        _copy_method_state(response, self.state)
         synchronous = self.spec is not None and self.spec.world_size > 1
-        self.last_step = (
-            ghm_pb2.AppliedStep(
+        self.last_step = None
+        if synchronous:
+            self.last_step = ghm_pb2.AppliedStep(
                 step=response.step,
                 bin_weights=response.bin_weights,
                 tot=response.tot,
@@ -274,9 +374,7 @@ class _JobMemory:
                 acc_sum=response.acc_sum,
                 missing_ranks=response.missing_ranks,
             )
-            if synchronous
-            else None
-        )
+            _copy_method_state(response, self.last_step)
 
     def reseed_request(self, job_id: str) -> ghm_pb2.ReseedJobRequest:
         request = ghm_pb2.ReseedJobRequest(
@@ -425,6 +523,51 @@ class _Steps:
         The answer has no per-element weights: apply ``bin_weights`` to the elements locally.
         """
         return self._send(_request(job_id, step, rank, histogram=_histogram(counts, tot)))
+
+    def harmonize_method(
+        self,
+        job_id: str,
+        method: str,
+        contribution: Mapping[str, Any],
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """One step of a Seesaw or EQLv2 job (``method`` "seesaw" or "eqlv2"): this rank's
+        contribution by field name. The answer's ``method_state`` is the job's state after the
+        step (for a step-synchronous job, after every rank's contribution)."""
+        request = ghm_pb2.HarmonizeRequest(job_id=job_id, step=step or 0, rank=rank)
+        getattr(request, method).CopyFrom(_method_contribution(method, contribution))
+        return self._send(request)
+
+    def harmonize_seesaw(
+        self,
+        job_id: str,
+        label_counts: Any = None,
+        labels: Any = None,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """A Seesaw step: C + 1 samples per label (the last the background), or the labels
+        themselves (0 to C) for the server to count. ``method_state["cum_samples"]`` is the
+        job's cum_samples after the step, which the step's loss uses."""
+        return self.harmonize_method(
+            job_id, "seesaw", {"label_counts": label_counts, "labels": labels}, step, rank
+        )
+
+    def harmonize_eqlv2(
+        self,
+        job_id: str,
+        pos_grad: Any,
+        neg_grad: Any,
+        step: Optional[int] = None,
+        rank: int = 0,
+    ) -> Harmonized:
+        """An EQLv2 step: this rank's C positive and negative gradient sums (sent as float32).
+        ``method_state`` holds pos_grad, neg_grad and pos_neg after the step; the next step's
+        weights come from that pos_neg."""
+        return self.harmonize_method(
+            job_id, "eqlv2", {"pos_grad": pos_grad, "neg_grad": neg_grad}, step, rank
+        )
 
 
 class Client(_Steps):
@@ -631,31 +774,52 @@ class Client(_Steps):
     def create_job(
         self,
         job_id: str,
-        loss: Union[str, int] = "ghm_c",
-        bins: int = 10,
-        momentum: float = 0.0,
-        mu: float = 0.0,
+        loss: Union[str, int, None] = None,
+        bins: Optional[int] = None,
+        momentum: Optional[float] = None,
+        mu: Optional[float] = None,
         *,
         world_size: int = 0,
         step_timeout: Optional[Seconds] = None,
         allow_partial_steps: bool = False,
         run_id: Optional[str] = None,
+        **method: Optional[Mapping[str, Any]],
     ) -> ghm_pb2.Job:
         """Creates a job, or returns the existing one if it has the same spec (idempotent).
+
+        A GHM job takes ``loss`` (default "ghm_c"), ``bins`` (10), ``momentum`` (0) and ``mu``
+        (0). Another method is one keyword, named as in JobSpec's ``method``, with its spec's
+        fields: ``seesaw=dict(num_classes=C, p=, q=, eps=)`` or ``eqlv2=dict(num_classes=C,
+        gamma=, mu=, alpha=)`` (absent or None parameters: mmdetection's defaults, which the
+        server fills in); GHM's four are GHM's alone.
 
         ``run_id`` names one training run (chosen once, e.g. a UUID, and shared by its ranks): a
         new run that reuses the job id starts fresh instead of inheriting an old density, and a
         job another live run uses raises :class:`ghmd.RunLostError`. The returned job is what
         this client heals the job from until its first step is acknowledged.
         """
-        spec = ghm_pb2.JobSpec(
-            loss=_loss(loss),
-            bins=bins,
-            momentum=momentum,
-            mu=mu,
-            world_size=world_size,
-            allow_partial_steps=allow_partial_steps,
-        )
+        methods = {name: values for name, values in method.items() if values is not None}
+        if len(methods) > 1:
+            raise ValueError(f"{' and '.join(sorted(methods))}: a job runs one method, not both")
+        if methods:
+            ghm_arguments = {"loss": loss, "bins": bins, "momentum": momentum, "mu": mu}
+            given = sorted(name for name, value in ghm_arguments.items() if value is not None)
+            if given:
+                raise ValueError(f"{', '.join(given)}: GHM's parameters, not taken by a "
+                                 f"{next(iter(methods))} job")
+            spec = ghm_pb2.JobSpec(world_size=world_size, allow_partial_steps=allow_partial_steps)
+            for name, values in methods.items():
+                spec_of_method = _method_spec(name, values)  # refuses a name that is no method
+                getattr(spec, name).CopyFrom(spec_of_method)
+        else:
+            spec = ghm_pb2.JobSpec(
+                loss=_loss("ghm_c" if loss is None else loss),
+                bins=10 if bins is None else bins,
+                momentum=momentum or 0.0,
+                mu=mu or 0.0,
+                world_size=world_size,
+                allow_partial_steps=allow_partial_steps,
+            )
         duration = _duration(step_timeout, "step_timeout")
         if duration is not None:
             spec.step_timeout.CopyFrom(duration)

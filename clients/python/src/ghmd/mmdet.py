@@ -1,4 +1,5 @@
-"""Importing this module registers ``RemoteGHMC`` and ``RemoteGHMR`` with mmdetection.
+"""Importing this module registers ``RemoteGHMC``, ``RemoteGHMR``, ``RemoteSeesawLoss`` and
+``RemoteEQLV2Loss`` with mmdetection.
 
 It exists for mmdetection's ``custom_imports``, which imports modules by name:
 

@@ -771,9 +771,38 @@ async fn bad_seesaw_inputs_name_the_field_and_index_and_change_nothing() {
         "label_weights",
     )
     .await;
+    let mut no_input = step_request(job, 1, 0, labels_input(&[]));
+    no_input.input = None;
+    refused(
+        &mut client,
+        no_input,
+        Code::InvalidArgument,
+        &["input"],
+        "no input",
+    )
+    .await;
+
+    // A batch without a sample is a step: it counts nothing and applies.
+    let before = job_state(&mut client, job).await;
+    let empty = client
+        .harmonize(step_request(job, 1, 0, labels_input(&[])))
+        .await
+        .expect("a step of no sample");
+    assert_eq!(
+        (empty.steps, empty.elements),
+        (before.steps + 1, before.elements)
+    );
+    assert_state(
+        &mut client,
+        job,
+        &empty,
+        &stored_state(&before),
+        "no sample",
+    )
+    .await;
     // And the job goes on: the next step applies.
     client
-        .harmonize(step_request(job, 1, 0, labels_input(&[1, 2])))
+        .harmonize(step_request(job, 2, 0, labels_input(&[1, 2])))
         .await
         .expect("a good step after the refusals");
     server.stop().await;
@@ -838,6 +867,11 @@ async fn bad_eqlv2_inputs_name_the_field_and_index_and_change_nothing() {
             "GHM's residuals",
             Input::Residuals(f32s_to_bytes(&[0.5])),
             vec!["the job runs eqlv2"],
+        ),
+        (
+            "no gradients at all",
+            grads_input(&[], &[]),
+            vec!["eqlv2.pos_grad has 0 entries", "5 classes"],
         ),
     ];
     for (context, input, needles) in cases {
@@ -1548,6 +1582,46 @@ async fn a_reseed_from_the_last_response_puts_an_equal_copy_in_place() {
             state: Some(acknowledged(seen)),
             last_step: Some(last_step(seen)),
         };
+        // A state or a last step of the other method is refused, and makes no copy.
+        let (wrong_state, wrong_last_step) = if job_id == "r/seesaw" {
+            let state = Eqlv2State {
+                pos_grad: vec![0.0; 6],
+                neg_grad: vec![0.0; 6],
+                pos_neg: vec![100.0; 6],
+            };
+            (
+                job_state::MethodState::Eqlv2(state.clone()),
+                applied_step::MethodState::Eqlv2(state),
+            )
+        } else {
+            let state = SeesawState {
+                cum_samples: vec![0.0; 7],
+            };
+            (
+                job_state::MethodState::Seesaw(state.clone()),
+                applied_step::MethodState::Seesaw(state),
+            )
+        };
+        let mut refused_state = reseed.clone();
+        if let Some(state) = refused_state.state.as_mut() {
+            state.method_state = Some(wrong_state);
+        }
+        let mut refused_last_step = reseed.clone();
+        if let Some(last) = refused_last_step.last_step.as_mut() {
+            last.method_state = Some(wrong_last_step);
+        }
+        for (what, request) in [("state", refused_state), ("last_step", refused_last_step)] {
+            let context = format!("{job_id}: a reseed with {what} of the other method");
+            // Which field it names, for last_step: a_reseeds_bad_last_step_is_named_last_step.
+            assert_status(
+                other.reseed_job(request).await,
+                Code::InvalidArgument,
+                &["the job runs"],
+                &context,
+            );
+            assert_status(other.get_job(job_id).await, Code::NotFound, &[], &context);
+        }
+
         let copy = other.reseed_job(reseed).await.expect("reseeded");
         let original = job_state(&mut client, job_id).await;
         let copied = copy.state.clone().expect("state");
@@ -1877,5 +1951,58 @@ async fn a_state_file_of_format_2_still_loads_and_steps_on() {
     let responses = all_ok(step_in_order(&server, requests, &[1, 0]).await);
     assert_eq!((responses[0].steps, responses[0].generation), (4, 1));
     assert!(responses[0].method_state.is_none());
+    server.stop().await;
+}
+
+/// A reseed's last_step whose state is wrong is refused naming last_step, the field the client
+/// got wrong, not `state` (which in the same request is right).
+#[tokio::test]
+async fn a_reseeds_bad_last_step_is_named_last_step() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let state = |cum_samples: Vec<f32>| SeesawState { cum_samples };
+    let good = state(vec![4.0, 0.0, 1.0]);
+    let cases = [
+        (
+            "of another method",
+            applied_step::MethodState::Eqlv2(Eqlv2State {
+                pos_grad: vec![0.0; 2],
+                neg_grad: vec![0.0; 2],
+                pos_neg: vec![100.0; 2],
+            }),
+            "last_step.eqlv2",
+        ),
+        (
+            "of another length",
+            applied_step::MethodState::Seesaw(state(vec![4.0, 0.0])),
+            "last_step.seesaw.cum_samples has 2 entries",
+        ),
+    ];
+    for (context, last_state, needle) in cases {
+        let request = ReseedJobRequest {
+            job_id: "r/last-step".to_owned(),
+            spec: Some(with_world(seesaw(2), 2)),
+            run_id: String::new(),
+            state: Some(JobState {
+                steps: 1,
+                elements: 5,
+                next_step: 1,
+                generation: 1,
+                method_state: Some(job_state::MethodState::Seesaw(good.clone())),
+                ..Default::default()
+            }),
+            last_step: Some(AppliedStep {
+                step: 0,
+                method_state: Some(last_state),
+                ..Default::default()
+            }),
+        };
+        assert_status(
+            client.reseed_job(request).await,
+            Code::InvalidArgument,
+            &[needle],
+            context,
+        );
+    }
     server.stop().await;
 }

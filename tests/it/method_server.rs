@@ -2006,3 +2006,88 @@ async fn a_reseeds_bad_last_step_is_named_last_step() {
     }
     server.stop().await;
 }
+
+/// In a step-synchronous job a rank's bad contribution is refused before the barrier: it is
+/// not filed, the other rank keeps waiting, and the same rank's good resend completes the step
+/// with exactly the two good contributions. The most samples one rank may count apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rank_leaves_the_step_to_its_good_resend() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let method = Eqlv2::new(3, 12.0, 0.8, 4.0).expect("spec");
+    let job_id = "resend/eqlv2";
+    let spec = step_synchronous(eqlv2(3), 2, Duration::from_secs(20));
+    client.create_job(job_id, spec).await.expect("create");
+    let good = [
+        GradContribution {
+            pos_grad: vec![0.5, 1e-3, 3.0],
+            neg_grad: vec![1.0, 2.0, 0.0],
+        },
+        GradContribution {
+            pos_grad: vec![0.25, 7.0, 0.0],
+            neg_grad: vec![0.125, 0.0, 5.0],
+        },
+    ];
+    let waiting = {
+        let mut client = server.client().await;
+        let request = step_request(job_id, 0, 0, grad_input(&good[0]));
+        tokio::spawn(async move { client.harmonize(request).await })
+    };
+    let bad = step_request(job_id, 0, 1, grads_input(&[0.5, f32::NAN, 0.0], &[0.0; 3]));
+    assert_status(
+        client.harmonize(bad).await,
+        Code::InvalidArgument,
+        &["eqlv2.pos_grad[1] = NaN"],
+        "rank 1's bad contribution",
+    );
+    let resent = client
+        .harmonize(step_request(job_id, 0, 1, grad_input(&good[1])))
+        .await
+        .expect("the good resend completes the step");
+    let first = waiting
+        .await
+        .expect("rank 0 task")
+        .expect("rank 0 answered");
+    let mut state = method.initial_state();
+    method.step(&mut state, good.to_vec()).expect("model");
+    for (rank, response) in [first, resent].iter().enumerate() {
+        assert_eq!((response.steps, response.next_step), (1, 1), "rank {rank}");
+        let context = format!("rank {rank}");
+        assert_state(
+            &mut client,
+            job_id,
+            response,
+            &eqlv2_proto(&state),
+            &context,
+        )
+        .await;
+    }
+
+    let most = ghmd::seesaw::MAX_SAMPLES_PER_CONTRIBUTION;
+    client
+        .create_job("resend/seesaw", seesaw(1))
+        .await
+        .expect("create");
+    let response = client
+        .harmonize(step_request(
+            "resend/seesaw",
+            0,
+            0,
+            counts_input(&[most - 1, 1]),
+        ))
+        .await
+        .expect("exactly the most samples one rank may count");
+    assert_eq!(response.elements, most);
+    let expected = job_state::MethodState::Seesaw(SeesawState {
+        cum_samples: vec![(most - 1) as f32, 1.0],
+    });
+    assert_state(
+        &mut client,
+        "resend/seesaw",
+        &response,
+        &expected,
+        "the most samples",
+    )
+    .await;
+    server.stop().await;
+}

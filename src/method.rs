@@ -784,7 +784,13 @@ impl MethodSpec {
                     sent: "last_step without its state",
                 });
             };
-            let state = self.state_from_input(input, true)?;
+            // The method's messages name the fields of a state (`state.seesaw...`): here they
+            // are the last step's.
+            let state = self.state_from_input(input, true).map_err(|error| {
+                let message = error.to_string();
+                let field = message.strip_prefix("state.").unwrap_or(&message);
+                MethodError::Request(format!("last_step.{field}"))
+            })?;
             if &state != after {
                 return Err(request(
                     "last_step's state differs from state: the state a step reports is the one \

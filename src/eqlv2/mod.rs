@@ -193,11 +193,7 @@ impl Eqlv2 {
         self.check_values(Field::StatePosGrad, &state.pos_grad)?;
         self.check_values(Field::StateNegGrad, &state.neg_grad)?;
         self.check_values(Field::StatePosNeg, &state.pos_neg)?;
-        let derived = state
-            .pos_grad
-            .iter()
-            .zip(&state.neg_grad)
-            .map(|(pos, neg)| pos / (neg + NEG_GRAD_FLOOR));
+        let derived = pos_neg_of(&state.pos_grad, &state.neg_grad);
         for (index, (value, expected)) in state.pos_neg.iter().zip(derived).enumerate() {
             let untouched = state.pos_grad[index] == 0.0
                 && state.neg_grad[index] == 0.0
@@ -232,6 +228,14 @@ impl Eqlv2 {
 
 /// One rank's column sums for one step, C entries each (the objectness channel is not
 /// collected); also a step's total over its ranks.
+/// `pos_neg` as the reference derives it from the two sums, in float32.
+fn pos_neg_of<'a>(pos_grad: &'a [f32], neg_grad: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    pos_grad
+        .iter()
+        .zip(neg_grad)
+        .map(|(pos, neg)| pos / (neg + NEG_GRAD_FLOOR))
+}
+
 /// A contribution's values as they travel: little-endian float32 packed in bytes, which may sit
 /// at any alignment in the request buffer.
 pub fn floats_from_le_bytes(field: Field, bytes: &[u8]) -> Result<Vec<f32>, Error> {
@@ -341,23 +345,12 @@ impl Method for Eqlv2 {
         self.check_length(Field::PosGrad, total.pos_grad.len())?;
         self.check_length(Field::NegGrad, total.neg_grad.len())?;
         self.check_length(Field::StatePosGrad, state.pos_grad.len())?;
-        let pos_grad: Vec<f32> = state
-            .pos_grad
-            .iter()
-            .zip(&total.pos_grad)
-            .map(|(a, b)| a + b)
-            .collect();
-        let neg_grad: Vec<f32> = state
-            .neg_grad
-            .iter()
-            .zip(&total.neg_grad)
-            .map(|(a, b)| a + b)
-            .collect();
-        let pos_neg: Vec<f32> = pos_grad
-            .iter()
-            .zip(&neg_grad)
-            .map(|(pos, neg)| pos / (neg + NEG_GRAD_FLOOR))
-            .collect();
+        let added = |sums: &[f32], values: &[f32]| -> Vec<f32> {
+            sums.iter().zip(values).map(|(a, b)| a + b).collect()
+        };
+        let pos_grad = added(&state.pos_grad, &total.pos_grad);
+        let neg_grad = added(&state.neg_grad, &total.neg_grad);
+        let pos_neg: Vec<f32> = pos_neg_of(&pos_grad, &neg_grad).collect();
         // Checked before the state is replaced, so that a refused step changes nothing.
         for (field, values) in [
             (Field::StatePosGrad, &pos_grad),

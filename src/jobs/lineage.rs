@@ -142,18 +142,20 @@ pub(super) fn check_fence(
 
 impl Job {
     /// A copy put in place by ReseedJob: the state its caller acknowledged, and the last step
-    /// that state came from, kept for retries. `spec` is the reseed's, normalized.
+    /// that state came from, kept for retries. `spec` is the reseed's, normalized, and
+    /// `checked` what [`check_reseed`] made of the reseed's state and last step.
     pub(super) fn seeded(
         id: &str,
         spec: JobSpec,
         reseed: &Reseed,
+        checked: CheckedSeed,
         generation: u64,
         context: Arc<JobContext>,
         charge: JobCharge,
     ) -> Result<Self, JobError> {
         let (run_id, state, last_step) = (&reseed.run_id, &reseed.state, reseed.last_step.as_ref());
         let now = SystemTime::now();
-        let (seeded_state, last_table) = check_reseed(id, &spec, state, last_step)?;
+        let (seeded_state, last_table) = checked;
         let job = Self::from_snapshot(
             JobSnapshot {
                 id: id.to_owned(),
@@ -195,6 +197,9 @@ impl Job {
 /// A table of the last step as the job keeps it, with the `acc_sum` its response reported.
 type LastTable = (crate::method::AnyTable, Vec<f32>);
 
+/// A reseed's state and last step, checked against the job's spec.
+pub(super) type CheckedSeed = (AnyState, Option<LastTable>);
+
 /// Every check of a ReseedJob's state and last step, made before anything changes; gives the
 /// state to put in place and the last step's table.
 pub(super) fn check_reseed(
@@ -202,7 +207,7 @@ pub(super) fn check_reseed(
     spec: &JobSpec,
     state: &SeedState,
     last_step: Option<&SeedStep>,
-) -> Result<(AnyState, Option<LastTable>), JobError> {
+) -> Result<CheckedSeed, JobError> {
     check_seed(id, spec, state)?;
     let method_error = |source| JobError::Method {
         id: id.to_owned(),

@@ -263,12 +263,14 @@ impl Registry {
         validate_run_id(id, &reseed.run_id)?;
         let spec = reseed.spec.clone().normalized();
         let seen = &reseed.state;
-        check_reseed(id, &spec, seen, reseed.last_step.as_ref())?;
+        // Checked once, before anything changes; the copy is made from what the check gave.
+        let checked = check_reseed(id, &spec, seen, reseed.last_step.as_ref())?;
         let seed = |generation: u64, enforce: bool| {
             Job::seeded(
                 id,
                 spec.clone(),
                 &reseed,
+                checked,
                 generation,
                 Arc::clone(&self.context),
                 self.charge(id, &spec, owner, enforce)?,

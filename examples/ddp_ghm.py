@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import torch
@@ -32,8 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ghmd import Client
-from ghmd.local import free_port, wait_for
+from ghmd.local import scratch_server
 from ghmd.torch import GHMC
 
 CLASSES = 3
@@ -113,17 +110,9 @@ def main() -> None:
     parser.add_argument("--job-id", default=f"examples/ddp_ghm/{uuid.uuid4().hex[:8]}")
     args = parser.parse_args()
 
-    server = None
-    if args.address is None:
-        if args.ghmd is None:
-            parser.error("give --address of a running ghmd, or --ghmd to start one")
-        args.address = f"127.0.0.1:{free_port()}"
-        # In memory, metrics on a free port: a scratch server that clashes with no other.
-        server = subprocess.Popen([args.ghmd, "serve", "--listen", args.address, "--in-memory",
-                                   "--metrics-listen", "127.0.0.1:0"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(args.address)
+    if args.address is None and args.ghmd is None:
+        parser.error("give --address of a running ghmd, or --ghmd to start one")
+    with scratch_server(args.ghmd, args.address) as args.address:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
             dist.init_process_group("gloo")
             train(dist.get_rank(), dist.get_world_size(), args)
@@ -132,11 +121,6 @@ def main() -> None:
             args.init_file = os.path.join(scratch, "init")
             print(f"{args.nproc} ranks, job {args.job_id} on ghmd at {args.address}")
             mp.spawn(train, args=(args.nproc, args), nprocs=args.nproc, join=True)
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
-
 
 if __name__ == "__main__":
     main()

@@ -520,15 +520,53 @@ async fn header_only(
     ready.send_request(request, false).expect("send")
 }
 
+/// A header-only call the server admitted: a unary call's answer still pending, or a stream's
+/// response headers (a stream answers its headers at once).
+enum Admitted {
+    Pending(h2::client::ResponseFuture),
+    Streaming(http::Response<h2::RecvStream>),
+}
+
+/// A call's grpc-status in its headers: a trailers-only answer, which is how a refusal comes.
+fn header_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+}
+
+/// Opens a header-only call and returns it once the server has taken it in: a stream's response
+/// headers came, or a unary call is still unanswered 300 ms later. Opening the calls back to
+/// back without this let the test's GetJob find a free permit now and then (1 run in 3 on an
+/// idle machine), so some call had not reached the limit yet; a call refused at once is opened
+/// again, so that the caller holds exactly the permits it counts.
+async fn admitted_header_only(
+    send: &mut h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    path: &str,
+) -> (Admitted, h2::SendStream<Bytes>) {
+    for _ in 0..20 {
+        let (mut response, stream) = header_only(send, addr, path).await;
+        match tokio::time::timeout(Duration::from_millis(300), &mut response).await {
+            Err(_still_pending) => return (Admitted::Pending(response), stream),
+            Ok(Ok(answer)) if header_status(answer.headers()).is_none() => {
+                return (Admitted::Streaming(answer), stream);
+            }
+            Ok(answer) => {
+                let status = answer.map(|answer| header_status(answer.headers()));
+                eprintln!("{path}: refused at once ({status:?}); opened again");
+            }
+        }
+    }
+    panic!("{path}: every header-only call was refused at once");
+}
+
 /// The grpc-status a call ends with (from its headers or its trailers).
-async fn grpc_status_of(response: h2::client::ResponseFuture) -> Option<i32> {
-    let response = response.await.ok()?;
-    let code = |headers: &http::HeaderMap| {
-        headers
-            .get("grpc-status")
-            .and_then(|value| value.to_str().ok()?.parse().ok())
+async fn grpc_status_of(call: Admitted) -> Option<i32> {
+    let response = match call {
+        Admitted::Pending(response) => response.await.ok()?,
+        Admitted::Streaming(response) => response,
     };
-    if let Some(code) = code(response.headers()) {
+    if let Some(code) = header_status(response.headers()) {
         return Some(code);
     }
     let mut body = response.into_body();
@@ -536,7 +574,7 @@ async fn grpc_status_of(response: h2::client::ResponseFuture) -> Option<i32> {
         let chunk = chunk.ok()?;
         let _ = body.flow_control().release_capacity(chunk.len());
     }
-    code(&body.trailers().await.ok()??)
+    header_status(&body.trailers().await.ok()??)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,17 +604,23 @@ async fn header_only_streams_give_their_permits_back_after_the_idle_timeout() {
         } else {
             "/ghm.v1.Harmonizer/Harmonize"
         };
-        calls.push(header_only(&mut send, server.addr, path).await);
+        calls.push(admitted_header_only(&mut send, server.addr, path).await);
     }
     let opened = Instant::now();
     // They hold the limit: another caller is refused while they are open (looked for until
     // shortly before they would time out)...
     let deadline = Instant::now() + Duration::from_secs(8);
     let mut refused = false;
+    let mut last = None;
     while Instant::now() < deadline && !refused {
-        refused = matches!(client.get_job("idle").await, Err(status) if status.code() == tonic::Code::ResourceExhausted);
+        let answer = client.get_job("idle").await;
+        refused = matches!(&answer, Err(status) if status.code() == tonic::Code::ResourceExhausted);
+        last = Some(answer.map(|_| ()));
     }
-    assert!(refused, "header-only calls did not hold the limit");
+    assert!(
+        refused,
+        "header-only calls did not hold the limit; the last GetJob: {last:?}"
+    );
 
     // ...until the idle timeout ends each of them with DEADLINE_EXCEEDED.
     let mut codes = Vec::new();
